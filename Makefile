@@ -1,0 +1,34 @@
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+MARKER := $(VENV)/.installed
+OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+
+.PHONY: install test demo bench clean
+
+# torch is installed first with an exact pin so pip takes the local CPU wheel
+# instead of resolving a multi-GB CUDA build.
+$(MARKER): pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --upgrade pip
+	$(VPY) -m pip install torch==2.13.0
+	$(VPY) -m pip install -e '.[dev]'
+	touch $(MARKER)
+
+install: $(MARKER)
+
+test: install
+	$(OFFLINE) $(VPY) -m pytest -q tests $(PYTEST_ARGS)
+
+demo: install
+	$(OFFLINE) $(VENV)/bin/smviz demo $(DEMO_ARGS)
+
+bench: install
+	$(VPY) benchmarks/bench_memory.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
+	find . \( -path ./workspace -o -path ./workspaces -o -path ./.git \) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +

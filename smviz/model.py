@@ -1,0 +1,424 @@
+"""`MemoryModel`: a Hugging Face causal LM with product-key memory layers attached at chosen blocks;
+the architecture registry that says where each model family keeps its FFN; the built-in presets;
+and the on-disk model format (save, verified load, model hash).
+
+Attach modes (`MemoryConfig.mode`):
+- `replace` — the block's FFN is removed and the memory layer takes its place (the paper);
+- `parallel` — the memory output is added to the FFN output; the memory's output projection starts at
+  zero, so attaching to a pretrained model leaves its logits unchanged (Kim & Jung 2020).
+
+Model directory: config.json (HF), model.safetensors, memory.json, tokenizer files (when a tokenizer
+is given) and manifest.json (sha256 of every other file). Loading verifies every hash and refuses a
+missing or altered file; the model hash is the sha256 of the manifest's file list.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import transformers
+from torch import nn
+
+from smviz.errors import ConfigError, ModelFileError
+from smviz.memory import MemoryConfig, ProductKeyMemory, ValueTable
+
+log = logging.getLogger(__name__)
+
+MODEL_FORMAT = "smviz-model/1"
+MANIFEST = "manifest.json"
+REQUIRED_FILES = ("config.json", "model.safetensors", "memory.json")
+
+
+# --------------------------------------------------------------------------- architectures
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where a model family keeps its parts, as attribute paths from the `*ForCausalLM` module."""
+
+    blocks: str
+    """Dotted path to the `nn.ModuleList` of transformer blocks, e.g. 'model.layers'."""
+    ffn: str
+    """Attribute of one block that holds its feed-forward module, called as `ffn(hidden_states)`."""
+    hidden_size: str = "hidden_size"
+    """Attribute of the HF config that holds the model width."""
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture("model.layers", "mlp"),  # Llama 1-3, SmolLM, TinyLlama, ...
+    "mistral": Architecture("model.layers", "mlp"),
+    "qwen2": Architecture("model.layers", "mlp"),
+    "gpt2": Architecture("transformer.h", "mlp", hidden_size="n_embd"),
+}
+
+
+def register_architecture(model_type: str, architecture: Architecture) -> None:
+    """Teach smviz a new model family, keyed by its HF `config.model_type`."""
+    ARCHITECTURES[model_type] = architecture
+
+
+def architecture_of(config: transformers.PretrainedConfig) -> Architecture:
+    try:
+        return ARCHITECTURES[config.model_type]
+    except KeyError:
+        raise ConfigError(
+            f"unsupported architecture {config.model_type!r} (supported: {sorted(ARCHITECTURES)}). "
+            "Register it with smviz.model.register_architecture("
+            f"{config.model_type!r}, Architecture(blocks='<path to the block list>', ffn='<FFN attribute>', "
+            "hidden_size='<config width attribute>'))"
+        ) from None
+
+
+# --------------------------------------------------------------------------- presets
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A built-in model: an HF config (as keyword arguments) plus the memory attached to it."""
+
+    model_type: str
+    hf: dict[str, Any]
+    memory: MemoryConfig
+    description: str = ""
+
+
+PRESETS: dict[str, Preset] = {
+    "micro": Preset(
+        "llama",
+        dict(
+            vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+            tie_word_embeddings=True,
+        ),
+        MemoryConfig(n_keys=16, heads=2, knn=4, k_dim=32, layers=(1,)),
+        "tests and CI: 2 Llama blocks, d=64, 256 slots; builds and runs in milliseconds",
+    ),
+    "micro-gpt2": Preset(
+        "gpt2",
+        dict(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0),
+        MemoryConfig(n_keys=16, heads=2, knn=4, k_dim=32, layers=(1,)),
+        "the micro shape on GPT-2 blocks",
+    ),
+    # The demo's default model: the paper's memory shape (4 heads, top-32, one memory replacing the
+    # FFN of a middle block) scaled down for 2 CPU cores. The fact-storage work tunes these numbers.
+    "tiny": Preset(
+        "llama",
+        dict(
+            vocab_size=8192, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+            tie_word_embeddings=True,
+        ),
+        MemoryConfig(n_keys=256, heads=4, knn=32, k_dim=128, v_dim=256, layers=(2,)),
+        "4 Llama blocks, d=256; 65,536-slot memory (4 heads x top-32) replacing the FFN of block 2",
+    ),
+}
+
+
+def preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class MemoryFFN(nn.Module):
+    """What sits in a block's FFN slot: the memory layer, plus the original FFN in parallel mode."""
+
+    def __init__(self, memory: ProductKeyMemory, ffn: nn.Module | None) -> None:
+        super().__init__()
+        self.memory = memory
+        self.ffn = ffn
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = self.memory(hidden_states)
+        if self.ffn is None:
+            return out
+        return self.ffn(hidden_states, *args, **kwargs) + out
+
+
+def _get(module: nn.Module, path: str) -> Any:
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+class MemoryModel(nn.Module):
+    """A Hugging Face causal LM (`self.lm`) with memory layers attached to some of its blocks.
+
+    Calling the model calls the LM (same arguments, same outputs); in training mode with
+    `MemoryConfig.balance_weight > 0` and labels given, the usage-balancing loss is added to `loss`
+    and reported as `memory_aux_loss`. `generate` is the LM's.
+    """
+
+    def __init__(
+        self,
+        lm: transformers.PreTrainedModel,
+        memory_config: MemoryConfig,
+        tokenizer: transformers.PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        super().__init__()
+        arch = architecture_of(lm.config)
+        blocks = _get(lm, arch.blocks)
+        n_blocks = len(blocks)
+        if not memory_config.layers:
+            raise ConfigError("MemoryConfig.layers is empty: name the block indices that get a memory layer")
+        bad = [i for i in memory_config.layers if i >= n_blocks]
+        if bad:
+            raise ConfigError(f"memory layer index {bad} out of range: the model has {n_blocks} blocks (0..{n_blocks - 1})")
+        self.lm = lm
+        self.memory_config = memory_config
+        self.tokenizer = tokenizer
+        self.model_hash: str | None = None  # set by save_pretrained / from_pretrained
+
+        dim = getattr(lm.config, arch.hidden_size)
+        shared: ValueTable | None = None
+        self._memory_layers: dict[int, ProductKeyMemory] = {}
+        for i in sorted(memory_config.layers):
+            block = blocks[i]
+            ffn = getattr(block, arch.ffn)
+            ref = next(ffn.parameters())
+            memory = ProductKeyMemory(memory_config, dim, shared_values=shared, device=ref.device, dtype=ref.dtype)
+            if memory_config.share_values and shared is None:
+                shared = memory.value_table
+            setattr(block, arch.ffn, MemoryFFN(memory, ffn if memory_config.mode == "parallel" else None))
+            self._memory_layers[i] = memory
+        # Hooks need to know which positions are padding: take the mask of every LM call
+        # (direct calls and generate() alike).
+        lm.register_forward_pre_hook(self._pass_token_mask, with_kwargs=True)
+
+    # ---- construction
+
+    @classmethod
+    def from_preset(
+        cls, name: str, *, seed: int = 0, vocab_size: int | None = None, **memory_overrides: Any
+    ) -> MemoryModel:
+        """A freshly initialised built-in model (see `PRESETS`); `memory_overrides` replace MemoryConfig fields."""
+        p = preset(name)
+        hf = dict(p.hf, **({"vocab_size": vocab_size} if vocab_size else {}))
+        config = transformers.AutoConfig.for_model(p.model_type, **hf)
+        try:
+            memory = replace(p.memory, **memory_overrides)
+        except TypeError as e:
+            raise ConfigError(f"unknown MemoryConfig field in {sorted(memory_overrides)}: {e}") from None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            lm = transformers.AutoModelForCausalLM.from_config(config)
+            return cls(lm, memory)
+
+    # ---- running
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.lm(*args, **kwargs)
+        aux = [m.aux_loss for m in self._memory_layers.values() if m.aux_loss is not None]
+        if self.training and aux and getattr(out, "loss", None) is not None:
+            aux_loss = torch.stack(aux).mean()
+            out["memory_aux_loss"] = aux_loss.detach()
+            out["loss"] = out.loss + self.memory_config.balance_weight * aux_loss
+        return out
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.lm.generate(*args, **kwargs)
+
+    def _pass_token_mask(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            mask = None  # a custom 4-D mask carries no padding information we can read
+        for memory in self._memory_layers.values():
+            memory.token_mask = mask
+
+    @property
+    def config(self) -> transformers.PretrainedConfig:
+        return self.lm.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def memory_layers(self) -> dict[int, ProductKeyMemory]:
+        """Block index → memory layer, in block order."""
+        return dict(self._memory_layers)
+
+    @property
+    def values(self) -> dict[int, nn.Parameter]:
+        """Block index → the (N, v_dim) value table its memory reads (the same tensor when shared)."""
+        return {i: m.value_table.weight for i, m in self._memory_layers.items()}
+
+    @contextmanager
+    def memory_off(self, layers: list[int] | None = None) -> Iterator[None]:
+        """Inside the block, the memory layers (all, or those at `layers`) output zeros — the memory term
+        is removed from the forward pass without touching any weight (parallel mode keeps the FFN)."""
+        chosen = [self._memory_layers[i] for i in (layers if layers is not None else self._memory_layers)]
+        before = [m.enabled for m in chosen]
+        for m in chosen:
+            m.enabled = False
+        try:
+            yield
+        finally:
+            for m, was in zip(chosen, before):
+                m.enabled = was
+
+    def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """Optimizer parameter groups that apply the memory learning-rate multipliers:
+        'values' at lr·value_lr_mult, 'keys' (keys, query projection and norm) at lr·key_lr_mult,
+        'dense' (everything else) at lr. Weight decay applies to matrices, not to biases and norm gains.
+        A multiplier of 0 freezes that group: it is left out and its parameters stop requiring grad."""
+        c = self.memory_config
+        value_ids = {id(p) for p in self.values.values()}
+        key_ids = set()
+        for m in self._memory_layers.values():
+            key_ids |= {id(p) for p in (m.keys, *m.query.parameters(), *m.query_norm.parameters())}
+            if m.query_gain is not None:
+                key_ids.add(id(m.query_gain))
+        buckets: dict[str, list[nn.Parameter]] = {"values": [], "keys": [], "dense": [], "dense_no_decay": []}
+        for p in self.parameters():  # parameters() yields a shared or tied tensor once
+            if id(p) in value_ids:
+                buckets["values"].append(p)
+            elif id(p) in key_ids:
+                buckets["keys"].append(p)
+            elif p.dim() >= 2:
+                buckets["dense"].append(p)
+            else:
+                buckets["dense_no_decay"].append(p)
+        spec = {
+            "values": (lr * c.value_lr_mult, weight_decay),
+            "keys": (lr * c.key_lr_mult, weight_decay),
+            "dense": (lr, weight_decay),
+            "dense_no_decay": (lr, 0.0),
+        }
+        groups = []
+        for name, params in buckets.items():
+            group_lr, wd = spec[name]
+            if group_lr == 0:
+                for p in params:
+                    p.requires_grad_(False)
+            elif params:
+                groups.append({"name": name, "params": params, "lr": group_lr, "weight_decay": wd})
+        return groups
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameter counts: 'memory_values', 'memory_other' (keys, query, W1/W2), 'dense', 'total'."""
+        value_ids = {id(p) for p in self.values.values()}
+        memory_ids = {id(p) for m in self._memory_layers.values() for p in m.parameters()} | value_ids
+        counts = {"memory_values": 0, "memory_other": 0, "dense": 0}
+        for p in self.parameters():
+            key = "memory_values" if id(p) in value_ids else "memory_other" if id(p) in memory_ids else "dense"
+            counts[key] += p.numel()
+        counts["total"] = sum(counts.values())
+        return counts
+
+    # ---- on disk
+
+    def save_pretrained(self, directory: str | os.PathLike) -> str:
+        """Write the model directory atomically (a temp dir renamed into place); returns the model hash.
+        An existing directory is replaced only if it is an smviz model directory."""
+        directory = Path(directory)
+        if directory.exists() and any(directory.iterdir()) and not (directory / MANIFEST).exists():
+            raise ModelFileError(f"{directory} exists and is not an smviz model directory; refusing to overwrite it")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            self.lm.config.save_pretrained(tmp)
+            safetensors.torch.save_model(self.lm, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            _write_json(tmp / "memory.json", {"format": MODEL_FORMAT, "memory": self.memory_config.to_dict()})
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+            _write_json(tmp / MANIFEST, {"format": MODEL_FORMAT, "files": files})
+            _replace_dir(tmp, directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.model_hash = _hash_files(files)
+        return self.model_hash
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, *, device: str | torch.device | None = None) -> MemoryModel:
+        """Load a model directory written by `save_pretrained`, after verifying every file's sha256."""
+        directory = Path(directory)
+        files = verify_model_dir(directory)
+        memory_json = json.loads((directory / "memory.json").read_text())
+        memory = MemoryConfig.from_dict(memory_json["memory"])
+        config = transformers.AutoConfig.from_pretrained(directory)
+        lm = transformers.AutoModelForCausalLM.from_config(config)
+        tokenizer = None
+        if "tokenizer_config.json" in files:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+        model = cls(lm, memory, tokenizer)
+        missing, unexpected = safetensors.torch.load_model(model.lm, directory / "model.safetensors", strict=False)
+        if missing or unexpected:
+            raise ModelFileError(
+                f"{directory}/model.safetensors does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        model.model_hash = _hash_files(files)
+        model.eval()
+        return model.to(device) if device is not None else model
+
+
+def verify_model_dir(directory: Path) -> dict[str, str]:
+    """Check that `directory` is a complete, unaltered smviz model; returns its manifest's file → sha256."""
+    manifest_path = directory / MANIFEST
+    if not directory.is_dir():
+        raise ModelFileError(f"model directory {directory} does not exist")
+    if not manifest_path.is_file():
+        raise ModelFileError(f"{directory} is not an smviz model directory: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files: dict[str, str] = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ModelFileError(f"{manifest_path} is unreadable ({e}); the model directory is damaged") from None
+    absent = [name for name in REQUIRED_FILES if name not in files]
+    if absent:
+        raise ModelFileError(f"{manifest_path} does not list {absent}; the model directory is damaged")
+    for name, digest in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise ModelFileError(f"{path} is missing (listed in {MANIFEST}); re-save or re-download the model")
+        if _sha256(path) != digest:
+            raise ModelFileError(f"{path} was altered since the model was saved (sha256 mismatch); refusing to load it")
+    return files
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hash_files(files: dict[str, str]) -> str:
+    """The model hash: sha256 of the sorted 'name sha256' lines of the manifest (first 16 hex digits)."""
+    text = "".join(f"{name} {digest}\n" for name, digest in sorted(files.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished temp dir into place; an older dst is swapped out and deleted only afterwards."""
+    if dst.exists():
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        dst.rename(old)
+        src.rename(dst)
+        shutil.rmtree(old)
+    else:
+        src.rename(dst)
