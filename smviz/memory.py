@@ -285,7 +285,8 @@ class ProductKeyMemory(nn.Module):
             nn.init.zeros_(self.w2.weight)
 
     def add_access_hook(self, fn: AccessHook) -> RemovableHandle:
-        """Call `fn(layer, indices, weights)` on every forward; `handle.remove()` detaches it."""
+        """Call `fn(layer, indices, weights, mask)` (see `AccessHook`) on every forward while enabled;
+        `handle.remove()` detaches it."""
         handle = RemovableHandle(self._access_hooks)
         self._access_hooks[handle.id] = fn
         return handle
@@ -313,12 +314,14 @@ class ProductKeyMemory(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
+            self.aux_loss = None
             return torch.zeros_like(x)
         c = self.config
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.dim)
         indices, scores, sub_scores = self.lookup(x2)
-        weights = torch.softmax(scores.float(), dim=-1).to(x.dtype)
+        # softmax in at least float32 (bf16/fp16 scores lose the ranking's fine differences)
+        weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(x.dtype)
         want_aux = self.training and c.balance_weight > 0
         mask = self._mask_for(lead) if (self._access_hooks or want_aux) else None
         if self._access_hooks:
@@ -328,7 +331,8 @@ class ProductKeyMemory(nn.Module):
         self.aux_loss = None
         if want_aux:
             real = slice(None) if mask is None else mask.reshape(-1)
-            self.aux_loss = self._balance_loss(indices[real], sub_scores[real])
+            if len(indices[real]):  # an all-padding batch has no reads to balance
+                self.aux_loss = self._balance_loss(indices[real], sub_scores[real])
         y = self.value_table.bag(indices.view(len(x2), -1), weights.view(len(x2), -1))
         if self.w1 is not None:
             y = y * F.silu(self.w1(x2))
@@ -352,7 +356,7 @@ class ProductKeyMemory(nn.Module):
         offset = torch.arange(c.heads * 2, device=indices.device).view(1, c.heads, 2, 1) * c.n_keys
         counts = torch.bincount((halves + offset).flatten(), minlength=c.heads * 2 * c.n_keys)
         f = counts.view(c.heads, 2, c.n_keys).to(sub_scores.dtype) / (m * c.knn)
-        p = torch.softmax(sub_scores.float(), dim=-1).mean(0)  # (H, 2, n_keys)
+        p = torch.softmax(sub_scores, dim=-1, dtype=torch.promote_types(sub_scores.dtype, torch.float32)).mean(0)
         return c.n_keys * (f * p).sum(-1).mean()
 
     def extra_repr(self) -> str:

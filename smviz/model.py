@@ -14,8 +14,8 @@ missing or altered file; the model hash is the sha256 of the manifest's file lis
 
 from __future__ import annotations
 
-import copy
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -199,6 +199,7 @@ class MemoryModel(nn.Module):
             self._memory_layers[i] = memory
         # Hooks need to know which positions are padding: take the mask of every LM call
         # (direct calls and generate() alike).
+        self._lm_signature = inspect.signature(lm.forward)
         lm.register_forward_pre_hook(self._pass_token_mask, with_kwargs=True)
 
     # ---- construction
@@ -209,7 +210,7 @@ class MemoryModel(nn.Module):
     ) -> MemoryModel:
         """A freshly initialised built-in model (see `PRESETS`); `memory_overrides` replace MemoryConfig fields."""
         p = preset(name)
-        hf = dict(p.hf, **({"vocab_size": vocab_size} if vocab_size else {}))
+        hf = dict(p.hf, **({"vocab_size": vocab_size} if vocab_size is not None else {}))
         config = transformers.AutoConfig.for_model(p.model_type, **hf)
         try:
             memory = replace(p.memory, **memory_overrides)
@@ -236,6 +237,8 @@ class MemoryModel(nn.Module):
 
     def _pass_token_mask(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
+        if mask is None and args:  # passed by position
+            mask = self._lm_signature.bind_partial(*args, **kwargs).arguments.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             mask = None  # a custom 4-D mask carries no padding information we can read
         for memory in self._memory_layers.values():
@@ -263,7 +266,11 @@ class MemoryModel(nn.Module):
     def memory_off(self, layers: list[int] | None = None) -> Iterator[None]:
         """Inside the block, the memory layers (all, or those at `layers`) output zeros — the memory term
         is removed from the forward pass without touching any weight (parallel mode keeps the FFN)."""
-        chosen = [self._memory_layers[i] for i in (layers if layers is not None else self._memory_layers)]
+        wanted = list(layers) if layers is not None else list(self._memory_layers)
+        unknown = [i for i in wanted if i not in self._memory_layers]
+        if unknown:
+            raise ConfigError(f"blocks {unknown} have no memory layer; memory layers are at {list(self._memory_layers)}")
+        chosen = [self._memory_layers[i] for i in wanted]
         before = [m.enabled for m in chosen]
         for m in chosen:
             m.enabled = False
@@ -276,7 +283,8 @@ class MemoryModel(nn.Module):
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
         """Optimizer parameter groups that apply the memory learning-rate multipliers:
         'values' at lr·value_lr_mult, 'keys' (keys, query projection and norm) at lr·key_lr_mult,
-        'dense' (everything else) at lr. Weight decay applies to matrices, not to biases and norm gains.
+        'dense' (everything else) at lr. Weight decay applies to matrices and keys, never to vectors
+        (biases, norm gains), which go to '<group>_no_decay'.
         A multiplier of 0 freezes that group: it is left out and its parameters stop requiring grad."""
         c = self.memory_config
         value_ids = {id(p) for p in self.values.values()}
@@ -285,30 +293,20 @@ class MemoryModel(nn.Module):
             key_ids |= {id(p) for p in (m.keys, *m.query.parameters(), *m.query_norm.parameters())}
             if m.query_gain is not None:
                 key_ids.add(id(m.query_gain))
-        buckets: dict[str, list[nn.Parameter]] = {"values": [], "keys": [], "dense": [], "dense_no_decay": []}
+        group_lr = {"values": lr * c.value_lr_mult, "keys": lr * c.key_lr_mult, "dense": lr}
+        buckets: dict[tuple[str, bool], list[nn.Parameter]] = {(g, d): [] for g in group_lr for d in (True, False)}
         for p in self.parameters():  # parameters() yields a shared or tied tensor once
-            if id(p) in value_ids:
-                buckets["values"].append(p)
-            elif id(p) in key_ids:
-                buckets["keys"].append(p)
-            elif p.dim() >= 2:
-                buckets["dense"].append(p)
-            else:
-                buckets["dense_no_decay"].append(p)
-        spec = {
-            "values": (lr * c.value_lr_mult, weight_decay),
-            "keys": (lr * c.key_lr_mult, weight_decay),
-            "dense": (lr, weight_decay),
-            "dense_no_decay": (lr, 0.0),
-        }
+            group = "values" if id(p) in value_ids else "keys" if id(p) in key_ids else "dense"
+            buckets[(group, p.dim() >= 2)].append(p)
         groups = []
-        for name, params in buckets.items():
-            group_lr, wd = spec[name]
-            if group_lr == 0:
+        for (group, decay), params in buckets.items():
+            name = group if decay else f"{group}_no_decay"
+            wd = weight_decay if decay else 0.0
+            if group_lr[group] == 0:
                 for p in params:
                     p.requires_grad_(False)
             elif params:
-                groups.append({"name": name, "params": params, "lr": group_lr, "weight_decay": wd})
+                groups.append({"name": name, "params": params, "lr": group_lr[group], "weight_decay": wd})
         return groups
 
     def parameter_counts(self) -> dict[str, int]:
@@ -336,10 +334,11 @@ class MemoryModel(nn.Module):
         tmp.mkdir()
         try:
             self.lm.config.save_pretrained(tmp)
-            safetensors.torch.save_model(self.lm, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            safetensors.torch.save_file(_unique_tensors(self.lm), tmp / "model.safetensors", metadata={"format": "pt"})
             _write_json(tmp / "memory.json", {"format": MODEL_FORMAT, "memory": self.memory_config.to_dict()})
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
+                _drop_load_time_keys(tmp / "tokenizer_config.json")
             files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             _write_json(tmp / MANIFEST, {"format": MODEL_FORMAT, "files": files})
             _replace_dir(tmp, directory)
@@ -361,7 +360,10 @@ class MemoryModel(nn.Module):
         if "tokenizer_config.json" in files:
             tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
         model = cls(lm, memory, tokenizer)
-        missing, unexpected = safetensors.torch.load_model(model.lm, directory / "model.safetensors", strict=False)
+        state = safetensors.torch.load_file(directory / "model.safetensors")
+        missing, unexpected = model.lm.load_state_dict(state, strict=False)
+        saved_once = set(_unique_tensors(model.lm))  # tied tensors are stored under one name
+        missing = [k for k in missing if k in saved_once]
         if missing or unexpected:
             raise ModelFileError(
                 f"{directory}/model.safetensors does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
@@ -393,6 +395,29 @@ def verify_model_dir(directory: Path) -> dict[str, str]:
         if _sha256(path) != digest:
             raise ModelFileError(f"{path} was altered since the model was saved (sha256 mismatch); refusing to load it")
     return files
+
+
+def _unique_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tied/shared tensor once (under its first name), contiguous — so the
+    same weights always give the same safetensors bytes (and the same model hash)."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    out = {}
+    for name, t in module.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            out[name] = t.contiguous()
+    return out
+
+
+def _drop_load_time_keys(tokenizer_config: Path) -> None:
+    """A tokenizer loaded from disk saves how it was loaded ('is_local', ...); keep the file a
+    function of the tokenizer alone, so save → load → save keeps the model hash."""
+    if tokenizer_config.is_file():
+        cfg = json.loads(tokenizer_config.read_text())
+        for key in ("is_local", "local_files_only"):
+            cfg.pop(key, None)
+        _write_json(tokenizer_config, cfg)
 
 
 def _sha256(path: Path) -> str:

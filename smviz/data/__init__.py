@@ -1,0 +1,1 @@
+"""Data: synthetic tasks, the fact world, the background corpus and the tokenizer."""
