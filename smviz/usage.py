@@ -85,6 +85,7 @@ class UsageMonitor:
         for i, layer in self.model.memory_layers.items():
             self.counts[i] = torch.zeros(layer.config.n_slots, dtype=torch.float64, device=layer.keys.device)
             self._handles.append(layer.add_access_hook(self._hook(i)))
+        self._handles.append(self.model.lm.register_forward_pre_hook(self._count_batch))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -98,10 +99,11 @@ class UsageMonitor:
                 indices, weights = indices[mask], weights[mask]
             w = weights.detach().flatten().double() if self.weighted else None
             self.counts[block] += torch.bincount(indices.flatten(), weights=w, minlength=layer.config.n_slots)
-            if block == min(self.counts):
-                self.batches += 1
 
         return count
+
+    def _count_batch(self, *_: object) -> None:
+        self.batches += 1
 
     def reset(self) -> None:
         for c in self.counts.values():

@@ -1,0 +1,62 @@
+"""The `smviz` command line: help, build/info round trip, refusals that write nothing, the micro demo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from smviz.cli import main
+from smviz.model import MemoryModel
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("build", "info", "demo"):
+        assert command in out
+
+
+def test_build_then_info(tmp_path, capsys):
+    out_dir = tmp_path / "m"
+    assert main(["build", "--preset", "micro", "--out", str(out_dir), "--json"]) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert main(["info", str(out_dir), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model_hash"] == built["model_hash"] == MemoryModel.from_pretrained(out_dir).model_hash
+    assert info["memory"]["n_keys"] == 16 and info["memory"]["layers"] == [1]
+    assert info["parameters"]["total"] == built["parameters"]["total"]
+
+
+def test_unknown_preset_is_refused_and_writes_nothing(tmp_path, capsys):
+    assert main(["build", "--preset", "enormous", "--out", str(tmp_path / "m")]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_info_on_altered_model_is_refused(tmp_path, capsys):
+    out_dir = tmp_path / "m"
+    main(["build", "--preset", "micro", "--out", str(out_dir)])
+    (out_dir / "memory.json").write_text((out_dir / "memory.json").read_text().replace('"knn": 4', '"knn": 5'))
+    capsys.readouterr()
+    assert main(["info", str(out_dir)]) == 2
+    assert "altered" in capsys.readouterr().err
+
+
+def test_micro_demo_runs_and_resumes(tmp_path, capsys):
+    ws = tmp_path / "ws"
+    assert main(["demo", "--preset", "micro", "--steps", "20", "--workspace", str(ws), "--device", "cpu"]) == 0
+    first = json.loads((ws / "reports" / "demo-micro.json").read_text())
+    assert first["training"]["steps"] == 20 and len(first["training"]["losses"]) == 20
+    assert first["training"]["losses"][-1] < first["training"]["losses"][0]
+    assert first["trained_model"]["model_hash"] == MemoryModel.from_pretrained(ws / "models" / "micro-assoc").model_hash
+    capsys.readouterr()
+    # a second run finds both models and skips building and training
+    assert main(["demo", "--preset", "micro", "--steps", "20", "--workspace", str(ws), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 2
+    second = json.loads((ws / "reports" / "demo-micro.json").read_text())
+    assert "training" not in second
+    assert second["trained_eval"] == first["trained_eval"]
