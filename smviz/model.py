@@ -206,11 +206,18 @@ class MemoryModel(nn.Module):
 
     @classmethod
     def from_preset(
-        cls, name: str, *, seed: int = 0, vocab_size: int | None = None, **memory_overrides: Any
+        cls,
+        name: str,
+        *,
+        seed: int = 0,
+        vocab_size: int | None = None,
+        hf_overrides: dict[str, Any] | None = None,
+        **memory_overrides: Any,
     ) -> MemoryModel:
-        """A freshly initialised built-in model (see `PRESETS`); `memory_overrides` replace MemoryConfig fields."""
+        """A freshly initialised built-in model (see `PRESETS`); `hf_overrides` replace HF config values
+        (e.g. intermediate_size), `memory_overrides` replace MemoryConfig fields."""
         p = preset(name)
-        hf = dict(p.hf, **({"vocab_size": vocab_size} if vocab_size is not None else {}))
+        hf = dict(p.hf, **(hf_overrides or {}), **({"vocab_size": vocab_size} if vocab_size is not None else {}))
         config = transformers.AutoConfig.for_model(p.model_type, **hf)
         try:
             memory = replace(p.memory, **memory_overrides)

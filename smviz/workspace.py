@@ -21,6 +21,14 @@ class Workspace:
     def model(self, name: str) -> Path:
         return self.root / "models" / name
 
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    def pretrain_run(self, name: str) -> Path:
+        """Pretraining state of model `name`: config, metrics.jsonl, checkpoint/."""
+        return self.root / "pretrain" / name
+
     def trace(self, name: str) -> Path:
         return self.root / "traces" / name
 
