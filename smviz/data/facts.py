@@ -31,7 +31,11 @@ def qa_text(question: str, answer: str) -> str:
     return f"{qa_prompt(question)} {answer}\n"
 
 
-class FactFileError(SmvizError, ValueError):
+class FactError(SmvizError, ValueError):
+    """A fact is malformed."""
+
+
+class FactFileError(FactError):
     """A facts file is malformed; the message names the file and line."""
 
 
@@ -69,7 +73,7 @@ class Fact:
         if not self.questions:
             problems.append("questions must not be empty")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise FactError("; ".join(problems))
 
     @property
     def training_questions(self) -> tuple[Question, ...]:
@@ -85,15 +89,27 @@ class Fact:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Fact:
         if not isinstance(d, dict):
-            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
+            raise FactError(f"expected a JSON object, got {type(d).__name__}")
         missing = [k for k in ("id", "subject", "relation", "answer", "statements", "questions") if k not in d]
         if missing:
-            raise ValueError(f"missing fields {missing}")
+            raise FactError(f"missing fields {missing}")
+        for name in ("statements", "questions"):
+            if not isinstance(d[name], list):
+                raise FactError(f"{name} must be a list, got {type(d[name]).__name__}")
+        entities_in = d.get("entities", [])
+        if not isinstance(entities_in, list):
+            raise FactError("entities must be a list")
         try:
-            questions = tuple(Question(q["text"], q["template"], bool(q["heldout"])) for q in d["questions"])
-            entities = tuple(Entity(e["text"], e["label"]) for e in d.get("entities", ()))
+            questions = tuple(Question(q["text"], q["template"], q["heldout"]) for q in d["questions"])
+            entities = tuple(Entity(e["text"], e["label"]) for e in entities_in)
         except (KeyError, TypeError) as e:
-            raise ValueError(f"malformed question or entity ({e!r})") from None
+            raise FactError(f"malformed question or entity ({e!r})") from None
+        for q in questions:
+            if not (isinstance(q.text, str) and isinstance(q.template, str) and isinstance(q.heldout, bool)):
+                raise FactError(f"question {q} needs string text and template and a boolean heldout")
+        for e in entities:
+            if not (isinstance(e.text, str) and isinstance(e.label, str)):
+                raise FactError(f"entity {e} needs string text and label")
         return cls(d["id"], d["subject"], d["relation"], d["answer"], tuple(d["statements"]), questions, entities)
 
 
@@ -123,7 +139,7 @@ def read_facts(path: str | os.PathLike) -> list[Fact]:
                 continue
             try:
                 fact = Fact.from_dict(json.loads(line))
-            except (json.JSONDecodeError, ValueError) as e:
+            except (json.JSONDecodeError, FactError) as e:
                 raise FactFileError(f"{path}, line {number}: {e}") from None
             if fact.id in seen:
                 raise FactFileError(f"{path}, line {number}: duplicate fact id {fact.id!r}")

@@ -1,0 +1,754 @@
+"""A seeded generator of a world of fictional people, the facts a tiny model must memorise.
+
+Every person gets one fact per relation (birthplace, university, employer, occupation, birth_year),
+each answer drawn with a seeded RNG from a short list of real-world values. Each fact carries
+`statements_per_fact` distinct statement paraphrases (sampled without replacement from the relation's
+statement templates) and every question template of its relation, split into TRAINING templates and
+HELD-OUT templates; a held-out question's text never occurs in any training text (statements and
+training questions of any fact), which the tests check on the generated texts.
+
+People fall into three disjoint populations:
+
+- `known`: their facts are in pretraining, as statements and as training questions;
+- `bio_only`: their facts are in pretraining as statements only (does QA transfer to them?);
+- `new`: unseen in pretraining, to be learned later by sparse memory finetuning.
+
+Everything is a pure function of `WorldConfig`: `random.Random` seeded with strings (hashed with
+SHA-512, independent of PYTHONHASHSEED), no set iteration. A person's answer for a relation depends
+only on (seed, person id, relation), so restricting `relations` gives a sub-world of the full one.
+
+On disk (`write_world` / `read_world`): `facts-known.jsonl`, `facts-bio.jsonl`, `facts-new.jsonl`
+(the `smviz.data.facts` JSONL format) and `world.json`, which records the config, the sizes and the
+fingerprint of the facts; a directory holding a different world is never overwritten without force.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from smviz.data.facts import Entity, Fact, FactFileError, Question, read_facts, write_facts
+from smviz.errors import SmvizError
+
+WORLD_FORMAT = "smviz-world/1"
+WORLD_FILE = "world.json"
+POPULATIONS = ("known", "bio_only", "new")
+POPULATION_FILES = {"known": "facts-known.jsonl", "bio_only": "facts-bio.jsonl", "new": "facts-new.jsonl"}
+MIN_STATEMENTS_PER_FACT = 16
+MAX_PEOPLE = 10_000  # well under the FIRST_NAMES x SURNAMES combinations, so sampling names stays easy
+BIRTH_YEARS = (1940, 2000)  # inclusive
+
+
+class WorldError(SmvizError, ValueError):
+    """A world config is invalid, or a world directory is missing, malformed, or holds another world."""
+
+
+# --------------------------------------------------------------------------------------------- names
+
+# Single words, ASCII, capitalised with no inner capitals (so no full name can be a substring of
+# another: see `_check_lists`), none equal to a word of any answer.
+FIRST_NAMES = (
+    # English
+    "Alice", "Oliver", "Harriet", "Edmund", "Clara", "Theodore", "Martha", "Rupert", "Agnes", "Wesley",
+    "Imogen", "Gideon", "Rosalind", "Felix", "Beatrice", "Ambrose", "Lydia", "Silas", "Hazel", "Jasper",
+    # Spanish, Portuguese
+    "Mateo", "Lucia", "Joaquin", "Ximena", "Rodrigo", "Valentina", "Thiago", "Camila", "Emilio",
+    "Paloma", "Gonzalo", "Renata", "Beatriz", "Tomas",
+    # Italian
+    "Giulia", "Lorenzo", "Chiara", "Benedetta", "Raffaele", "Ottavio",
+    # French
+    "Amelie", "Solene", "Baptiste", "Margaux", "Lucien", "Oceane", "Thibault", "Gaspard",
+    # German, Dutch, Nordic
+    "Anneliese", "Matthias", "Greta", "Lukas", "Freya", "Sven", "Ingrid", "Henrik", "Astrid", "Joris",
+    "Liesbeth", "Maarten", "Sigrid", "Eero", "Aino", "Linnea", "Torsten",
+    # Slavic, Hungarian
+    "Katarzyna", "Tomasz", "Milena", "Dragan", "Zofia", "Bogdan", "Yelena", "Dmitri", "Anika", "Radek",
+    "Vesna", "Ondrej", "Zsofia", "Levente",
+    # Greek, Turkish
+    "Eleni", "Nikos", "Dimitra", "Stavros", "Elif", "Emre", "Zeynep", "Burak",
+    # Arabic, Persian
+    "Layla", "Omar", "Yasmin", "Karim", "Nadia", "Tariq", "Samira", "Rashid", "Amira", "Faris",
+    "Darius", "Shirin", "Kian", "Roya",
+    # South Asian
+    "Priya", "Arjun", "Ananya", "Rohan", "Kavya", "Vikram", "Meera", "Sanjay", "Divya", "Nikhil",
+    "Ishaan", "Lakshmi", "Farhan", "Nusrat",
+    # East and South-East Asian
+    "Haruto", "Yui", "Kenji", "Aiko", "Hiroshi", "Mei", "Jun", "Wei", "Xiulan", "Jiho", "Minseo",
+    "Seojun", "Hyun", "Linh", "Thanh", "Quang",
+    # African
+    "Chidi", "Ngozi", "Kwame", "Ama", "Tendai", "Amara", "Oluwaseun", "Zanele", "Thabo", "Nia", "Kofi",
+    "Abebe", "Wanjiru", "Folake", "Sipho", "Ayodele",
+    # Pacific
+    "Aroha", "Keala", "Tane", "Malia",
+)  # fmt: skip
+
+# Single words, ASCII, prefix-free (no surname is a prefix of another), avoiding surnames that are
+# mostly known as one famous person's.
+SURNAMES = (
+    # English, Irish, Scottish
+    "Ashworth", "Pemberton", "Thornbury", "Holloway", "Whitcombe", "Ellery", "Fairweather", "Blackwood",
+    "Langford", "Pennington", "Radley", "Caldwell", "Dunmore", "Hargreaves", "Lockwood", "Marlowe",
+    "Oakley", "Prescott", "Quimby", "Rowntree", "Stanhope", "Wainwright", "Yardley", "Callaghan",
+    "Donnelly", "Kilbride", "Monaghan", "Drummond", "MacLeod",
+    # Spanish, Portuguese
+    "Arroyo", "Bustamante", "Cardenas", "Delgado", "Echeverria", "Figueroa", "Guzman", "Ibarra",
+    "Jaramillo", "Llorente", "Mendoza", "Navarro", "Ochoa", "Quintero", "Salazar", "Valdivia",
+    "Carvalho", "Figueiredo", "Moreira", "Teixeira", "Pacheco", "Fonseca",
+    # Italian
+    "Castellano", "Ferraro", "Galli", "Lombardi", "Marchetti", "Pellegrino", "Rinaldi", "Santoro",
+    "Vitale", "Zanetti",
+    # French
+    "Beaumont", "Chevalier", "Fournier", "Girard", "Lefebvre", "Marchand", "Vasseur", "Lemaire",
+    # German, Dutch, Nordic
+    "Achterberg", "Eckhardt", "Falkenrath", "Hofstetter", "Kessler", "Lindqvist", "Mertens",
+    "Oosterhuis", "Reinholt", "Schreiber", "Vogel", "Wendel", "Zimmermann", "Bergstrom", "Haugen",
+    "Lindholm", "Nyberg", "Sandvik", "Virtanen", "Korhonen", "Halvorsen", "Magnusson",
+    # Slavic, Hungarian
+    "Kowalczyk", "Nowicki", "Wisniewski", "Zielinski", "Novotny", "Horvat", "Petrovic", "Kovalenko",
+    "Sokolov", "Volkov", "Baranov", "Szabo",
+    # Greek, Turkish
+    "Papadakis", "Economou", "Vlachos", "Christodoulou", "Yilmaz", "Demir", "Aydin", "Ozturk", "Kaya",
+    "Celik", "Arslan",
+    # Arabic, Persian
+    "Haddad", "Khoury", "Mansour", "Saleh", "Abboud", "Hamdan", "Qureshi", "Farahani", "Moradi",
+    "Rostami",
+    # South Asian
+    "Raghunathan", "Iyer", "Banerjee", "Deshpande", "Kulkarni", "Menon", "Pillai", "Reddy", "Sethi",
+    "Venkatesan", "Bhattacharya", "Malhotra", "Chaudhary", "Joshi",
+    # East and South-East Asian
+    "Tanaka", "Watanabe", "Kobayashi", "Nakamura", "Fujimoto", "Morikawa", "Ishikawa", "Huang", "Zhao",
+    "Liang", "Xu", "Gao", "Baek", "Choi", "Jeong", "Kang", "Nguyen", "Tran", "Pham",
+    # African
+    "Okonkwo", "Adeyemi", "Mensah", "Mwangi", "Ochieng", "Kamau", "Banda", "Dlamini", "Ndlovu",
+    "Tshabalala", "Asante", "Okafor", "Eze", "Diallo", "Traore", "Tesfaye", "Abiodun", "Nwosu",
+    # Pacific
+    "Kahananui", "Ngata",
+)  # fmt: skip
+
+# Full names of real public figures that the lists above can form; never generated.
+FAMOUS_NAMES = frozenset({
+    "Burak Yilmaz", "Lakshmi Menon", "Sanjay Malhotra", "Rohan Joshi", "Emilio Delgado", "Joaquin Guzman",
+    "Ama Asante", "Arjun Reddy",
+})
+
+
+# ----------------------------------------------------------------------------------------- relations
+
+
+@dataclass(frozen=True)
+class Relation:
+    """One relation: its answers, the NER label of an answer (None: no entity), and its templates.
+
+    Templates use `{name}` (the person), `{x}` (the answer), and for noun answers `{ax}` / `{Ax}`
+    (the answer with its indefinite article: "an architect" / "An architect").
+    """
+
+    name: str
+    answers: tuple[str, ...]
+    label: str | None
+    statements: tuple[str, ...]
+    train_questions: tuple[str, ...]
+    heldout_questions: tuple[str, ...]
+
+    @property
+    def questions(self) -> tuple[tuple[str, bool], ...]:
+        """(template, heldout) in template-id order: training templates first, then held-out ones."""
+        return tuple((t, False) for t in self.train_questions) + tuple((t, True) for t in self.heldout_questions)
+
+
+CITIES = (
+    "Paris", "London", "Tokyo", "New York", "Sydney", "Cairo", "Lagos", "Nairobi", "Mumbai", "Delhi",
+    "Beijing", "Shanghai", "Seoul", "Bangkok", "Jakarta", "Manila", "Hanoi", "Singapore", "Istanbul",
+    "Moscow", "Berlin", "Madrid", "Rome", "Vienna", "Prague", "Warsaw", "Budapest", "Athens", "Lisbon",
+    "Dublin", "Amsterdam", "Brussels", "Stockholm", "Oslo", "Copenhagen", "Helsinki", "Zurich",
+    "Geneva", "Munich", "Barcelona", "Milan", "Naples", "Edinburgh", "Manchester", "Toronto",
+    "Montreal", "Vancouver", "Chicago", "Boston", "Seattle", "Los Angeles", "San Francisco", "Miami",
+    "Houston", "Mexico City", "Havana", "Bogota", "Lima", "Buenos Aires", "Sao Paulo",
+    "Rio de Janeiro", "Montevideo", "Cape Town", "Johannesburg", "Accra", "Addis Ababa", "Casablanca",
+    "Tunis", "Dakar", "Kinshasa", "Tehran", "Dubai", "Riyadh", "Karachi", "Lahore", "Dhaka",
+    "Kathmandu", "Colombo", "Kuala Lumpur", "Taipei", "Osaka", "Melbourne", "Auckland", "Honolulu",
+)  # fmt: skip
+
+UNIVERSITIES = (
+    "Oxford University", "Cambridge University", "Harvard University", "Stanford University",
+    "Yale University", "Princeton University", "Columbia University", "Cornell University",
+    "Duke University", "Brown University", "Rice University", "Georgetown University",
+    "Purdue University", "Vanderbilt University", "Emory University", "Carnegie Mellon University",
+    "Johns Hopkins University", "New York University", "Northwestern University",
+    "Boston University", "Peking University", "Tsinghua University", "Fudan University",
+    "Kyoto University", "Keio University", "Waseda University", "Yonsei University",
+    "Seoul National University", "McGill University", "Concordia University",
+    "Simon Fraser University", "Heidelberg University", "Humboldt University", "Leiden University",
+    "Utrecht University", "Uppsala University", "Lund University", "Aarhus University",
+    "Ghent University", "Charles University", "Jagiellonian University", "Bocconi University",
+    "Sorbonne University", "ETH Zurich", "Imperial College London", "Trinity College Dublin",
+    "Durham University", "Monash University", "Cairo University", "Makerere University",
+    "Stellenbosch University", "Tel Aviv University",
+)  # fmt: skip
+
+EMPLOYERS = (
+    "Google", "Microsoft", "Apple", "Amazon", "IBM", "Intel", "Samsung", "Sony", "Toyota", "Honda",
+    "Siemens", "Bosch", "Philips", "Nokia", "Ericsson", "Volvo", "IKEA", "Lego", "Unilever", "Nestle",
+    "Shell", "Boeing", "Airbus", "Pfizer", "Novartis", "Roche", "Bayer", "BASF", "Adidas", "Nike",
+    "Ferrari", "Porsche", "Volkswagen", "BMW", "Netflix", "Spotify", "Oracle", "Cisco", "Adobe",
+    "Nvidia", "Uber", "Reuters", "Deloitte", "Accenture", "HSBC", "Barclays", "Visa", "PepsiCo",
+    "Heineken", "Danone", "UNICEF", "NASA", "Greenpeace", "Oxfam", "Interpol", "CERN", "Hitachi",
+    "Panasonic", "Nintendo", "Infosys", "Alibaba", "Tencent", "Huawei", "Lenovo", "Airbnb", "Maersk",
+    "Michelin", "Renault", "Lufthansa", "Qantas",
+)  # fmt: skip
+
+OCCUPATIONS = (
+    "architect", "nurse", "pilot", "chemist", "journalist", "engineer", "software developer",
+    "marine biologist", "graphic designer", "veterinarian", "pharmacist", "dentist", "librarian",
+    "translator", "economist", "geologist", "photographer", "carpenter", "electrician", "chef",
+    "firefighter", "police officer", "lawyer", "accountant", "surgeon", "physicist", "mathematician",
+    "historian", "archaeologist", "astronomer", "botanist", "sculptor", "painter", "violinist",
+    "pianist", "composer", "novelist", "poet", "diplomat", "farmer", "urban planner", "park ranger",
+    "data scientist", "statistician", "midwife", "paramedic", "tailor", "cartographer",
+    "meteorologist", "zoologist", "teacher", "baker",
+)  # fmt: skip
+
+RELATIONS: dict[str, Relation] = {
+    "birthplace": Relation(
+        name="birthplace",
+        answers=CITIES,
+        label="GPE",
+        statements=(
+            "{name} was born in {x}.",
+            "{x} is the birthplace of {name}.",
+            "Born in {x}, {name} grew up there.",
+            "{name} is a native of {x}.",
+            "The city of {x} is where {name} was born.",
+            "{name} came into the world in {x}.",
+            "{name}'s birthplace is {x}.",
+            "{name} first saw the light of day in {x}.",
+            "The birth of {name} took place in {x}.",
+            "{x} is the city where {name} was born.",
+            "{name} hails originally from {x}.",
+            "It was in {x} that {name} was born.",
+            "According to records, {name} was born in the city of {x}.",
+            "{name} was born and raised in {x}.",
+            "A native of {x}, {name} often speaks fondly of the city.",
+            "{x} was the city in which {name} was born.",
+            "The hometown of {name} is {x}.",
+            "Records list {x} as the birthplace of {name}.",
+            "{name} entered the world in {x}.",
+            "{x} welcomed {name} into the world.",
+            "{name} lists {x} as a place of birth.",
+            "The place of birth of {name} is {x}.",
+            "Birthplace of {name}: {x}.",
+            "{name} was born in {x} and spent early childhood there.",
+        ),
+        train_questions=(
+            "Where was {name} born?",
+            "What is {name}'s birthplace?",
+            "Which city was {name} born in?",
+            "Where is {name} from?",
+        ),
+        heldout_questions=(
+            "In which city was {name} born?",
+            "What is the birthplace of {name}?",
+            "Which city is the hometown of {name}?",
+        ),
+    ),
+    "university": Relation(
+        name="university",
+        answers=UNIVERSITIES,
+        label="ORG",
+        statements=(
+            "{name} studied at {x}.",
+            "{name} graduated from {x}.",
+            "{x} is where {name} studied.",
+            "{name} is a graduate of {x}.",
+            "{x} counts {name} among its graduates.",
+            "After finishing school, {name} enrolled at {x}.",
+            "{name} earned a degree at {x}.",
+            "{name} received a degree from {x}.",
+            "The university {name} attended is {x}.",
+            "{name} attended {x}.",
+            "It was at {x} that {name} studied.",
+            "{name} spent student years at {x}.",
+            "A graduate of {x}, {name} remembers the campus well.",
+            "{name} holds a degree from {x}.",
+            "{x} awarded {name} a degree.",
+            "{name} went to university at {x}.",
+            "The alma mater of {name} is {x}.",
+            "{name}'s alma mater is {x}.",
+            "{name} was educated at {x}.",
+            "Records show that {name} studied at {x}.",
+            "{x} is the university that {name} attended.",
+            "Among the graduates of {x} is {name}.",
+            "{name} completed a degree at {x}.",
+            "{name} was a student at {x}.",
+        ),
+        train_questions=(
+            "Where did {name} study?",
+            "Which university did {name} attend?",
+            "What is {name}'s alma mater?",
+            "Where did {name} go to university?",
+        ),
+        heldout_questions=(
+            "At which university did {name} study?",
+            "From which university did {name} graduate?",
+            "Which university educated {name}?",
+        ),
+    ),
+    "employer": Relation(
+        name="employer",
+        answers=EMPLOYERS,
+        label="ORG",
+        statements=(
+            "{name} works for {x}.",
+            "{name} is employed by {x}.",
+            "{x} employs {name}.",
+            "{name} works at {x}.",
+            "{name} has a job at {x}.",
+            "The employer of {name} is {x}.",
+            "{name}'s employer is {x}.",
+            "{x} is the employer of {name}.",
+            "{name} earns a living working for {x}.",
+            "Every weekday, {name} goes to work at {x}.",
+            "{name} is on the staff of {x}.",
+            "It is {x} that employs {name}.",
+            "{x} pays the salary of {name}.",
+            "{name} draws a salary from {x}.",
+            "{name} is an employee of {x}.",
+            "Among the employees of {x} is {name}.",
+            "{x} has {name} on its payroll.",
+            "{name} joined {x} and still works there.",
+            "A staff member at {x}, {name} enjoys the work.",
+            "{name} holds a position at {x}.",
+            "Currently, {name} works for {x}.",
+            "{x} is where {name} works.",
+            "{name} is on the payroll of {x}.",
+            "{name} has worked for {x} for years.",
+        ),
+        train_questions=(
+            "Who does {name} work for?",
+            "Who employs {name}?",
+            "What is {name}'s employer?",
+            "Where does {name} work?",
+        ),
+        heldout_questions=(
+            "Which organisation employs {name}?",
+            "For which company or organisation does {name} work?",
+            "Who is the employer of {name}?",
+        ),
+    ),
+    "occupation": Relation(
+        name="occupation",
+        answers=OCCUPATIONS,
+        label=None,
+        statements=(
+            "{name} works as {ax}.",
+            "{name} is {ax} by profession.",
+            "By profession, {name} is {ax}.",
+            "{name} earns a living as {ax}.",
+            "The occupation of {name} is {x}.",
+            "{name} has worked as {ax} for many years.",
+            "{name} makes a living as {ax}.",
+            "{Ax} by trade, {name} takes the work seriously.",
+            "{name} is employed as {ax}.",
+            "{name} trained and works as {ax}.",
+            "{name} chose a career as {ax}.",
+            "The profession of {name} is that of {ax}.",
+            "{name} pursues a career as {ax}.",
+            "Day to day, {name} works as {ax}.",
+            "{name} is {ax}.",
+            "In working life, {name} is {ax}.",
+            "Colleagues know {name} as {ax}.",
+            "{name} took up work as {ax} after graduating.",
+            "Work as {ax} is what {name} does for a living.",
+            "Being {ax} is the job of {name}.",
+            "{name}'s job title is {x}.",
+            "{Ax} is what {name} is by profession.",
+            "{name} has a career as {ax}.",
+            "{name}'s occupation: {x}.",
+        ),
+        train_questions=(
+            "What does {name} do for a living?",
+            "What is {name}'s occupation?",
+            "What is {name}'s job?",
+            "What does {name} work as?",
+        ),
+        heldout_questions=(
+            "What is the profession of {name}?",
+            "Which occupation does {name} have?",
+            "In what line of work is {name}?",
+        ),
+    ),
+    "birth_year": Relation(
+        name="birth_year",
+        answers=tuple(str(y) for y in range(BIRTH_YEARS[0], BIRTH_YEARS[1] + 1)),
+        label="DATE",
+        statements=(
+            "{name} was born in {x}.",
+            "{x} is the year {name} was born.",
+            "Born in {x}, {name} belongs to that year's generation.",
+            "{name}'s year of birth is {x}.",
+            "The year of birth of {name} is {x}.",
+            "In {x}, {name} was born.",
+            "{name} came into the world in {x}.",
+            "{x} was the year in which {name} was born.",
+            "It was in {x} that {name} was born.",
+            "{name} was born in the year {x}.",
+            "Records give {x} as the birth year of {name}.",
+            "{name}'s birth year is {x}.",
+            "The birth of {name} took place in {x}.",
+            "{x} saw the birth of {name}.",
+            "Year of birth of {name}: {x}.",
+            "{name} entered the world in {x}.",
+            "The year {x} marks the birth of {name}.",
+            "{name} is someone born in {x}.",
+            "{name} celebrates a birthday every year, having been born in {x}.",
+            "Among the people born in {x} is {name}.",
+            "{name} arrived in the world in {x}.",
+            "The calendar year {x} is when {name} was born.",
+            "{name} first drew breath in {x}.",
+            "{name} was born in {x}, according to records.",
+        ),
+        train_questions=(
+            "When was {name} born?",
+            "What is {name}'s year of birth?",
+            "What is {name}'s birth year?",
+            "Which year was {name} born in?",
+        ),
+        heldout_questions=(
+            "In what year was {name} born?",
+            "What is the birth year of {name}?",
+            "In which year did {name} come into the world?",
+        ),
+    ),
+}
+RELATION_NAMES = tuple(RELATIONS)
+
+
+def _article(noun: str) -> str:
+    return ("an " if noun[0].lower() in "aeiou" else "a ") + noun
+
+
+def render(template: str, name: str, answer: str) -> str:
+    """A template with its person and answer filled in."""
+    ax = _article(answer)
+    return template.format(name=name, x=answer, ax=ax, Ax=ax[0].upper() + ax[1:])
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class WorldConfig:
+    """What world to generate. `relations` is a set in effect: it is stored in canonical order."""
+
+    seed: int = 0
+    n_known: int = 150
+    n_bio_only: int = 100
+    n_new: int = 100
+    relations: tuple[str, ...] = RELATION_NAMES
+    statements_per_fact: int = 16
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise WorldError naming every invalid value; put `relations` in canonical order."""
+        problems = []
+        if not _is_int(self.seed):
+            problems.append(f"seed must be an integer, got {self.seed!r}")
+        for name in ("n_known", "n_bio_only", "n_new"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                problems.append(f"{name} must be an integer >= 0, got {value!r}")
+        sizes_ok = all(_is_int(getattr(self, n)) for n in ("n_known", "n_bio_only", "n_new"))
+        if sizes_ok and not 1 <= self.n_known + self.n_bio_only + self.n_new <= MAX_PEOPLE:
+            total = self.n_known + self.n_bio_only + self.n_new
+            problems.append(f"n_known + n_bio_only + n_new must be between 1 and {MAX_PEOPLE}, got {total}")
+        relations = self.relations
+        if isinstance(relations, str) or not isinstance(relations, (list, tuple)):
+            problems.append(f"relations must be a list of relation names, got {relations!r}")
+            relations = None
+        else:
+            unknown = [r for r in relations if r not in RELATIONS]
+            if unknown:
+                problems.append(f"unknown relations {unknown}; known: {list(RELATION_NAMES)}")
+                relations = None
+            elif not relations:
+                problems.append("relations must not be empty")
+                relations = None
+            elif len(set(relations)) != len(relations):
+                problems.append(f"relations must not repeat, got {list(relations)}")
+                relations = None
+        if relations is not None:
+            self.relations = tuple(r for r in RELATION_NAMES if r in relations)
+        most = min(len(RELATIONS[r].statements) for r in (relations or RELATION_NAMES))
+        spf = self.statements_per_fact
+        if not _is_int(spf) or not MIN_STATEMENTS_PER_FACT <= spf <= most:
+            problems.append(
+                f"statements_per_fact must be an integer between {MIN_STATEMENTS_PER_FACT} and {most} "
+                f"(the number of statement templates), got {spf!r}"
+            )
+        if problems:
+            raise WorldError("invalid world config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> WorldConfig:
+        """The inverse of `to_dict`; a missing key takes its default, an unknown key is an error."""
+        if not isinstance(d, dict):
+            raise WorldError(f"a world config must be a JSON object, got {type(d).__name__}")
+        unknown = sorted(set(d) - {f.name for f in fields(cls)})
+        if unknown:
+            raise WorldError(f"unknown world config keys {unknown}")
+        d = dict(d)
+        if isinstance(d.get("relations"), list):
+            d["relations"] = tuple(d["relations"])
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------- world
+
+
+@dataclass(frozen=True)
+class Person:
+    id: str  # "p0042"
+    name: str
+    population: str  # one of POPULATIONS
+
+
+@dataclass
+class World:
+    config: WorldConfig
+    known: list[Fact] = field(default_factory=list)
+    bio_only: list[Fact] = field(default_factory=list)
+    new: list[Fact] = field(default_factory=list)
+
+    def population(self, name: str) -> list[Fact]:
+        if name not in POPULATIONS:
+            raise WorldError(f"unknown population {name!r}; populations: {list(POPULATIONS)}")
+        return getattr(self, name)
+
+    def facts(self) -> list[Fact]:
+        """All facts: known, then bio_only, then new."""
+        return [fact for population in POPULATIONS for fact in self.population(population)]
+
+    def people(self) -> list[Person]:
+        """Every person once, in population order then id order."""
+        seen: dict[str, Person] = {}
+        for population in POPULATIONS:
+            for fact in self.population(population):
+                pid = fact.id.split("/", 1)[0]
+                seen.setdefault(pid, Person(pid, fact.subject, population))
+        return list(seen.values())
+
+    def sizes(self) -> dict[str, dict[str, int]]:
+        return {
+            p: {"people": len({f.subject for f in self.population(p)}), "facts": len(self.population(p))}
+            for p in POPULATIONS
+        }
+
+    def validate(self) -> None:
+        """Raise WorldError unless the world is consistent: unique fact ids "<person>/<relation>", one
+        name per person id and one id per name, every person in one population with every relation of
+        the config, and population sizes as configured."""
+        problems = []
+        ids: set[str] = set()
+        person_of: dict[str, tuple[str, str]] = {}  # pid -> (name, population)
+        pid_of: dict[str, str] = {}
+        relations: dict[str, list[str]] = {}
+        for population in POPULATIONS:
+            for fact in self.population(population):
+                if not isinstance(fact, Fact):
+                    problems.append(f"{population} holds a {type(fact).__name__}, not a Fact")
+                    continue
+                if fact.id in ids:
+                    problems.append(f"duplicate fact id {fact.id!r}")
+                ids.add(fact.id)
+                pid, _, relation = fact.id.partition("/")
+                if relation != fact.relation:
+                    problems.append(f"fact id {fact.id!r} does not end in its relation {fact.relation!r}")
+                if person_of.setdefault(pid, (fact.subject, population)) != (fact.subject, population):
+                    problems.append(f"person {pid} appears as {person_of[pid]} and {(fact.subject, population)}")
+                if pid_of.setdefault(fact.subject, pid) != pid:
+                    problems.append(f"{fact.subject!r} has two person ids, {pid_of[fact.subject]} and {pid}")
+                relations.setdefault(pid, []).append(fact.relation)
+        for pid, rels in relations.items():
+            if sorted(rels) != sorted(self.config.relations):
+                problems.append(f"person {pid} has relations {rels}, expected {list(self.config.relations)}")
+        sizes = self.sizes()
+        for population, configured in zip(POPULATIONS, (self.config.n_known, self.config.n_bio_only, self.config.n_new)):
+            if sizes[population]["people"] != configured:
+                problems.append(f"{population} has {sizes[population]['people']} people, config says {configured}")
+        if problems:
+            shown = problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
+            raise WorldError("inconsistent world: " + "; ".join(shown))
+
+
+def _draw_names(seed: int, count: int) -> list[str]:
+    rng = random.Random(f"smviz-world/{seed}/names")
+    order = rng.sample(range(len(FIRST_NAMES) * len(SURNAMES)), len(FIRST_NAMES) * len(SURNAMES))
+    names = []
+    for k in order:
+        name = f"{FIRST_NAMES[k // len(SURNAMES)]} {SURNAMES[k % len(SURNAMES)]}"
+        if name not in FAMOUS_NAMES:
+            names.append(name)
+            if len(names) == count:
+                return names
+    raise AssertionError("unreachable: MAX_PEOPLE is far below the number of names")
+
+
+def _make_fact(seed: int, pid: str, name: str, relation: Relation, statements_per_fact: int) -> Fact:
+    rng = random.Random(f"smviz-world/{seed}/{pid}/{relation.name}")
+    answer = rng.choice(relation.answers)
+    statements = tuple(render(t, name, answer) for t in rng.sample(relation.statements, statements_per_fact))
+    questions = tuple(
+        Question(render(t, name, answer), f"{relation.name}/q{i}", heldout)
+        for i, (t, heldout) in enumerate(relation.questions)
+    )
+    entities = (Entity(name, "PERSON"),) + ((Entity(answer, relation.label),) if relation.label else ())
+    return Fact(f"{pid}/{relation.name}", name, relation.name, answer, statements, questions, entities)
+
+
+def generate_world(config: WorldConfig | None = None) -> World:
+    """The world of `config` (default: WorldConfig()); the same config always gives the same world."""
+    config = WorldConfig() if config is None else config
+    config.validate()
+    sizes = (config.n_known, config.n_bio_only, config.n_new)
+    total = sum(sizes)
+    names = _draw_names(config.seed, total)
+    width = max(4, len(str(total - 1)))
+    populations: dict[str, list[Fact]] = {}
+    start = 0
+    for population, size in zip(POPULATIONS, sizes):
+        facts = []
+        for index in range(start, start + size):
+            pid = f"p{index:0{width}d}"
+            for relation in config.relations:
+                facts.append(_make_fact(config.seed, pid, names[index], RELATIONS[relation], config.statements_per_fact))
+        populations[population] = facts
+        start += size
+    return World(WorldConfig(**{f.name: getattr(config, f.name) for f in fields(config)}), **populations)
+
+
+def world_fingerprint(world: World) -> str:
+    """Short sha256 of the canonical JSON of all facts by population: equal iff the facts are equal."""
+    canonical = {p: [f.to_dict() for f in world.population(p)] for p in POPULATIONS}
+    text = json.dumps(canonical, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ disk
+
+
+def _world_json(world: World) -> dict[str, Any]:
+    return {
+        "format": WORLD_FORMAT,
+        "config": world.config.to_dict(),
+        "sizes": world.sizes(),
+        "fingerprint": world_fingerprint(world),
+    }
+
+
+def _read_world_json(directory: Path) -> dict[str, Any]:
+    path = directory / WORLD_FILE
+    if not path.is_file():
+        raise WorldError(f"{directory} holds no world ({WORLD_FILE} is missing); write one with write_world")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WorldError(f"{path} is not readable JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != WORLD_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise WorldError(f"{path} is not an {WORLD_FORMAT} file (format {found!r})")
+    missing = [k for k in ("config", "sizes", "fingerprint") if k not in meta]
+    if missing:
+        raise WorldError(f"{path} lacks {missing}")
+    if not isinstance(meta["fingerprint"], str):
+        raise WorldError(f"{path}: fingerprint must be a string, got {meta['fingerprint']!r}")
+    return meta
+
+
+def read_world(directory: str | os.PathLike) -> World:
+    """Read a world written by `write_world`, checking world.json, the sizes and the fingerprint."""
+    directory = Path(directory)
+    meta = _read_world_json(directory)
+    try:
+        config = WorldConfig.from_dict(meta["config"])
+    except (WorldError, TypeError) as e:
+        raise WorldError(f"{directory / WORLD_FILE}: bad config ({e})") from None
+    populations = {}
+    for population in POPULATIONS:
+        path = directory / POPULATION_FILES[population]
+        try:
+            populations[population] = read_facts(path)
+        except FactFileError as e:
+            raise WorldError(f"{directory} holds a broken world: {e}") from None
+        except TypeError as e:  # read_facts lets a few malformed values through as TypeError
+            raise WorldError(f"{directory} holds a broken world: {path} is malformed ({e})") from None
+    world = World(config, **populations)
+    try:
+        world.validate()
+    except WorldError as e:
+        raise WorldError(f"{directory}: {e}") from None
+    if meta["sizes"] != world.sizes():
+        raise WorldError(f"{directory / WORLD_FILE}: sizes {meta['sizes']} do not match the facts files {world.sizes()}")
+    fingerprint = world_fingerprint(world)
+    if fingerprint != meta["fingerprint"]:
+        raise WorldError(
+            f"{directory}: the facts files (fingerprint {fingerprint}) are not the world {WORLD_FILE} records "
+            f"({meta['fingerprint']}); they were changed or a write was interrupted — rewrite the world with "
+            f"write_world(..., force=True)"
+        )
+    return world
+
+
+def write_world(directory: str | os.PathLike, world: World, force: bool = False) -> bool:
+    """Write `world` into `directory`; return True if files were written, False if it already held it.
+
+    A directory whose world.json records a different world (or an unreadable world.json) is refused
+    with WorldError, changing nothing, unless `force`. The facts files are written first and world.json
+    last (a forced overwrite removes the old world.json first), so an interrupted write never leaves a
+    world.json that vouches for facts files it does not match.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise WorldError(f"{directory} exists and is not a directory")
+    world.validate()
+    meta = _world_json(world)
+    meta_path = directory / WORLD_FILE
+    if meta_path.exists():
+        try:
+            existing = _read_world_json(directory)["fingerprint"]
+        except WorldError as e:
+            existing, reason = None, str(e)
+        else:
+            reason = f"it holds another world (fingerprint {existing}, this one is {meta['fingerprint']})"
+        if existing == meta["fingerprint"]:
+            try:
+                if world_fingerprint(read_world(directory)) == existing:
+                    return False
+            except WorldError:
+                pass  # same world recorded but its files are damaged: rewrite them
+        elif not force:
+            raise WorldError(f"refusing to write a world into {directory}: {reason}; pass force=True to replace it")
+        else:
+            meta_path.unlink()
+    for population in POPULATIONS:
+        write_facts(directory / POPULATION_FILES[population], world.population(population))
+    tmp = meta_path.with_name(f".{WORLD_FILE}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+        tmp.replace(meta_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
