@@ -8,7 +8,7 @@ Section 1, at each N = 2^e slots (n_keys = 2^(e/2)): `ProductKeyMemory.lookup` a
 against brute force over all N combined keys. Brute force scores every slot — per head, the N sums
 s1[:, :, :, None] + s2[:, :, None, :] over the full n_keys × n_keys grid of half scores, which is
 exactly the full-key dot product q · [K1[i1], K2[i2]] and far cheaper than a (M, k_dim) @ (k_dim, N)
-matmul — then takes torch.topk over N. Tokens are processed in chunks so the (chunk, H, N) score
+matmul — then takes the exact top-k over N. Tokens are processed in chunks so the (chunk, H, N) score
 table stays within --chunk-mb (one preallocated buffer, reused). Forward+backward for brute force:
 the search itself runs without autograd (like topk, it has no gradient except at the chosen slots),
 then the chosen scores are gathered differentiably from the half scores, s1[i1] + s2[i2], which is
@@ -18,16 +18,17 @@ over N (slow on CPU: its per-row selection dominates, so by default only the for
 it, see --plain-topk) and a block-max-pruned top-k (max of each block of B slots, top-k blocks,
 top-k of their k·B scores; exact for any score table), the stronger baseline used for every row.
 A "scores only" row times writing all the scores with no top-k at all: the floor of any brute
-force that materialises them, however fast its top-k. The brute-force full layer is the same search followed by the layer's own softmax,
-value bag, swilu and output projection.
+force that materialises them, however fast its top-k. The brute-force full layer is the same
+search followed by the layer's own softmax, value bag, swilu and output projection.
 
 Section 2: the memory layer at the `tiny` preset's shape (N = 2^16) vs the dense Llama SwiGLU MLP it
 replaces at the same width (transformers' LlamaMLP: down(silu(gate(x)) * up(x)), 256 → 1024 → 256).
 
 "fwd" rows run under torch.no_grad() (inference); "fwd+bwd" rows build the graph (input included)
 and backpropagate a fixed random output gradient, parameter grads reset to None each step.
-Cases of one group are timed in interleaved rounds (A B C D, A B C D, ...) so a slow-down from other
+Cases of one group are timed in interleaved rounds (A B C D, C A D B, ...) so a slow-down from other
 processes hits all of them alike; each number is the median over rounds of the per-step time.
+The product-key timings include torch's own CPU topk over n_keys and K² candidates.
 """
 
 from __future__ import annotations
@@ -39,14 +40,15 @@ import json
 import math
 import os
 import platform
+import random
 import resource
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -88,8 +90,8 @@ class Case:
 
 def measure(cases: list[Case], *, device, warmup: int, repeats: int, min_repeats: int, budget_s: float,
             target_s: float, label: str) -> None:
-    """Warm up every case, calibrate an inner loop for cheap ones, then time interleaved rounds (the
-    order rotated each round) until `repeats` rounds are done, or at least `min_repeats` are and the
+    """Warm up every case, calibrate an inner loop for cheap ones, then time interleaved rounds (each
+    in a new random order) until `repeats` rounds are done, or at least `min_repeats` are and the
     group has used `budget_s`."""
     for c in cases:
         for _ in range(warmup):
@@ -102,8 +104,11 @@ def measure(cases: list[Case], *, device, warmup: int, repeats: int, min_repeats
             dt = time.perf_counter() - t
             c.inner = max(1, min(1000, math.ceil(target_s / max(dt, 1e-6))))
     t0 = time.perf_counter()
+    rng = random.Random(0)
     for r in range(repeats):
-        for c in cases[r % len(cases):] + cases[: r % len(cases)]:  # rotate: no case always runs first
+        order = list(cases)
+        rng.shuffle(order)  # no case always follows the same one (e.g. a step that frees 1 GB)
+        for c in order:
             _sync(device)
             t = time.perf_counter()
             for _ in range(c.inner):
@@ -218,7 +223,7 @@ class BruteForce:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, layer.dim)
         idx, scores = self.search(x2)
-        w = torch.softmax(scores.float(), dim=-1).to(x.dtype)
+        w = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(x.dtype)
         y = layer.value_table.bag(idx.view(len(x2), -1), w.view(len(x2), -1))
         if layer.w1 is not None:
             y = y * F.silu(layer.w1(x2))
@@ -413,7 +418,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default 120; --quick: 5)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default os.cpu_count())")
     p.add_argument("--warmup", type=int, default=2, help="warm-up steps per case")
-    p.add_argument("--sizes", default=None, help="comma-separated exponents e, N = 2^e slots (default 16,20; --quick: 10,12)")
+    p.add_argument("--sizes", default=None,
+                   help="comma-separated even exponents e, N = 2^e slots (default 16,20; --quick: 10,12)")
     p.add_argument("--k-dim", type=int, default=128, help="query/key size per head (128 or 256)")
     p.add_argument("--chunk-mb", type=float, default=1024, help="max size of the brute-force score table chunk")
     p.add_argument("--plain-topk", choices=("search", "all"), default="search",

@@ -1,0 +1,1 @@
+"""Training: pretraining from scratch (and, later, the finetuning methods and the stream runner)."""

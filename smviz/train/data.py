@@ -1,0 +1,109 @@
+"""Pretraining data: the texts a model learns the fact world from, and the deterministic batch stream
+that mixes them with background corpus rows.
+
+World texts (`world_documents`): for each person of the trained populations, several biographies —
+one random statement paraphrase per relation, in random order — so every paraphrase is seen in
+varied contexts (Allen-Zhu & Li's "multi + permute" augmentation, which makes knowledge extractable
+by questions); for the `known` population also Q/A documents written with the *training* question
+templates only. Held-out question templates never appear in any text produced here.
+
+`PretrainStream.batch(step)` is a pure function of (seed, step), so a resumed run sees exactly the
+batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from smviz.data.facts import Fact, qa_text
+from smviz.errors import SmvizError
+
+IGNORE_INDEX = -100
+
+
+def world_documents(
+    bio_facts: Sequence[Fact], qa_facts: Sequence[Fact], *, copies: int, seed: int
+) -> list[str]:
+    """`copies` biographies per person of `bio_facts`, and `copies` Q/A documents per person of
+    `qa_facts` (training templates only), in a seeded shuffled order."""
+    rng = random.Random(seed)
+    docs: list[str] = []
+    for person_facts in _by_person(bio_facts):
+        for _ in range(copies):
+            sentences = [rng.choice(f.statements) for f in person_facts]
+            rng.shuffle(sentences)
+            docs.append(" ".join(sentences))
+    for person_facts in _by_person(qa_facts):
+        for _ in range(copies):
+            lines = [qa_text(rng.choice(f.training_questions).text, f.answer) for f in person_facts]
+            rng.shuffle(lines)
+            docs.append("".join(lines).rstrip("\n"))
+    rng.shuffle(docs)
+    return docs
+
+
+def _by_person(facts: Sequence[Fact]) -> list[list[Fact]]:
+    people: dict[str, list[Fact]] = {}
+    for f in facts:
+        people.setdefault(f.subject, []).append(f)
+    return list(people.values())
+
+
+def pack_whole_documents(token_lists: Sequence[Sequence[int]], seq_len: int, eos: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack documents (each followed by eos) into rows of `seq_len` without splitting any document, so
+    a fact's subject is always in its row. Returns input ids and labels (padding labelled -100).
+    Documents longer than a row are cut to it."""
+    rows: list[list[int]] = []
+    current: list[int] = []
+    for tokens in token_lists:
+        doc = list(tokens[: seq_len - 1]) + [eos]
+        if len(current) + len(doc) > seq_len:
+            rows.append(current)
+            current = []
+        current = current + doc
+    if current:
+        rows.append(current)
+    ids = np.full((len(rows), seq_len), pad, dtype=np.int64)
+    labels = np.full((len(rows), seq_len), IGNORE_INDEX, dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        labels[i, : len(row)] = row
+    return torch.from_numpy(ids), torch.from_numpy(labels)
+
+
+@dataclass
+class PretrainStream:
+    """Batches of `batch_size` rows: about `fact_share` of them world rows, the rest corpus rows,
+    drawn with replacement by a generator seeded from (seed, step)."""
+
+    corpus_rows: torch.Tensor  # (n, seq_len) token ids, every position a real token
+    world_ids: torch.Tensor  # (m, seq_len)
+    world_labels: torch.Tensor  # (m, seq_len), -100 on padding
+    batch_size: int
+    fact_share: float
+    seed: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.fact_share <= 1:
+            raise SmvizError(f"fact_share must lie in [0, 1], got {self.fact_share}")
+        if self.fact_share > 0 and len(self.world_ids) == 0:
+            raise SmvizError("fact_share > 0 but there are no world rows")
+        if self.fact_share < 1 and len(self.corpus_rows) == 0:
+            raise SmvizError("fact_share < 1 but the corpus is empty")
+
+    def batch(self, step: int, fact_share: float | None = None) -> dict[str, torch.Tensor]:
+        share = self.fact_share if fact_share is None else fact_share
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        n_world = round(self.batch_size * share)
+        n_corpus = self.batch_size - n_world
+        w = torch.randint(len(self.world_ids), (n_world,), generator=g) if n_world else torch.empty(0, dtype=torch.long)
+        c = torch.randint(len(self.corpus_rows), (n_corpus,), generator=g) if n_corpus else torch.empty(0, dtype=torch.long)
+        ids = torch.cat([self.world_ids[w], self.corpus_rows[c]])
+        labels = torch.cat([self.world_labels[w], self.corpus_rows[c]])
+        # world rows are right-padded; the mask keeps padding out of usage counts and access records
+        return {"input_ids": ids, "labels": labels, "attention_mask": (labels != IGNORE_INDEX).long()}

@@ -1,0 +1,298 @@
+"""Pretraining a memory model from scratch on the background corpus plus the fact world:
+`PretrainConfig` (every knob, documented), `pretrain(...)` (the loop: AdamW, warmup + cosine, slot
+usage and periodic evaluation logged to metrics.jsonl, checkpoint and exact resume).
+
+Run directory (`Workspace.pretrain_run(name)`): config.json, metrics.jsonl, checkpoint/ (model
+directory + optimizer.safetensors + trainer.json). The finished model is saved to
+`Workspace.model(name)`. Everything is a function of the config and the step, so a run that is
+interrupted and resumed ends bit-identical to one that was not.
+
+Levers against memory collapse and for putting the facts into the memory (see memory-usage notes):
+the MemoryConfig knobs (`memory` overrides), dense-model shape (`model` overrides), the data mix
+(`fact_share`), and a dense phase: for the first `dense_phase_steps` steps the memory output is off
+and the data is corpus only, so the dense model learns language first; after it, dense parameters
+train at `dense_lr_mult_after` × lr (0 freezes them, leaving the world to the memory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from tqdm.auto import tqdm
+
+from smviz.errors import ConfigError, SmvizError
+from smviz.model import MemoryModel, preset
+from smviz.train.data import PretrainStream
+from smviz.usage import UsageMonitor
+
+log = logging.getLogger(__name__)
+
+RUN_FORMAT = "smviz-pretrain/1"
+
+
+@dataclass
+class PretrainConfig:
+    """How a model is pretrained. Every field is part of the protocol recorded with the run."""
+
+    preset: str = field(default="tiny", metadata={"help": "model preset to build (smviz.model.PRESETS)"})
+    memory: dict[str, Any] = field(default_factory=dict, metadata={"help": "MemoryConfig overrides"})
+    model: dict[str, Any] = field(default_factory=dict, metadata={"help": "HF config overrides (e.g. intermediate_size)"})
+    seq_len: int = field(default=128, metadata={"help": "tokens per training row"})
+    batch_size: int = field(default=16, metadata={"help": "rows per step"})
+    steps: int = field(default=3000, metadata={"help": "optimizer steps"})
+    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate of dense parameters"})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "cosine schedule floor, as a share of lr"})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay on matrices"})
+    grad_clip: float = field(default=1.0, metadata={"help": "global gradient-norm clip (0: off)"})
+    fact_share: float = field(default=0.5, metadata={"help": "share of each batch's rows drawn from world texts"})
+    world_copies: int = field(default=16, metadata={"help": "biographies (and Q/A documents) per person"})
+    dense_phase_steps: int = field(default=0, metadata={"help": "first steps with the memory off, on corpus only"})
+    dense_phase_fact_share: float = field(default=0.0, metadata={"help": "fact share during the dense phase"})
+    dense_lr_mult_after: float = field(default=1.0, metadata={"help": "dense lr multiplier after the dense phase (0 freezes)"})
+    eval_every: int = field(default=250, metadata={"help": "steps between evaluations (0: only at the end)"})
+    eval_facts: int = field(default=100, metadata={"help": "facts per population asked at periodic evaluations"})
+    usage_rows: int = field(default=64, metadata={"help": "held-out rows over which periodic usage is counted"})
+    log_every: int = field(default=25, metadata={"help": "steps between training-log lines"})
+    checkpoint_every: int = field(default=500, metadata={"help": "steps between checkpoints"})
+    seed: int = field(default=0, metadata={"help": "seed of initialisation and data order"})
+
+    def __post_init__(self) -> None:
+        preset(self.preset)
+        for name in ("seq_len", "batch_size", "steps", "world_copies"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"PretrainConfig.{name} must be >= 1")
+        if not (0 <= self.fact_share <= 1 and 0 <= self.dense_phase_fact_share <= 1):
+            raise ConfigError("fact shares must lie in [0, 1]")
+        if self.dense_phase_steps >= self.steps:
+            raise ConfigError("dense_phase_steps must be smaller than steps")
+        if self.checkpoint_every % self.log_every:
+            # a resumed run then starts a fresh usage window exactly where the old one ended
+            raise ConfigError("checkpoint_every must be a multiple of log_every")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown PretrainConfig fields {unknown}")
+        return cls(**d)
+
+
+def lr_factor(step: int, config: PretrainConfig) -> float:
+    """Linear warmup to 1, then cosine decay to min_lr_ratio at the last step (restarting warmup
+    after the dense phase, when the memory and the world come in)."""
+    start = config.dense_phase_steps if step >= config.dense_phase_steps else 0
+    end = config.steps if step >= config.dense_phase_steps else config.dense_phase_steps
+    local = step - start
+    if local < config.warmup_steps:
+        return (local + 1) / config.warmup_steps
+    progress = (local - config.warmup_steps) / max(1, end - start - config.warmup_steps)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_model(config: PretrainConfig, tokenizer) -> MemoryModel:
+    # The end-of-text token is also the tokenizer's pad token, but it is a real token of packed text:
+    # the HF config gets no pad_token_id, which would freeze its embedding row (nn.Embedding padding_idx).
+    special = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": None}
+    model = MemoryModel.from_preset(
+        config.preset, seed=config.seed, vocab_size=len(tokenizer), hf_overrides=special | config.model, **config.memory
+    )
+    model.tokenizer = tokenizer
+    return model
+
+
+def _in_dense_phase(step: int, config: PretrainConfig) -> bool:
+    return step < config.dense_phase_steps
+
+
+def _set_lrs(optimizer: torch.optim.Optimizer, step: int, config: PretrainConfig) -> None:
+    factor = lr_factor(step, config)
+    after = not _in_dense_phase(step, config) and config.dense_phase_steps > 0
+    for group in optimizer.param_groups:
+        mult = config.dense_lr_mult_after if after and group["name"].startswith("dense") else 1.0
+        group["lr"] = group["base_lr"] * factor * mult
+
+
+def pretrain(
+    run_dir: Path,
+    config: PretrainConfig,
+    *,
+    tokenizer,
+    stream: PretrainStream,
+    evaluate: Callable[[MemoryModel], dict[str, Any]] | None = None,
+    usage_rows: torch.Tensor | None = None,
+    device: torch.device = torch.device("cpu"),
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> MemoryModel:
+    """Train (or resume) the run in `run_dir` to `config.steps`; returns the trained model.
+
+    `evaluate(model)` is called every `eval_every` steps and at the end; its dict goes to
+    metrics.jsonl. `usage_rows` are held-out rows for the periodic usage count. `stop_after` ends
+    the call after that many steps of this call (with a checkpoint), as an interruption would.
+    """
+    run_dir = Path(run_dir)
+    checkpoint = run_dir / "checkpoint"
+    metrics_path = run_dir / "metrics.jsonl"
+    _check_run_config(run_dir, config)
+
+    if (checkpoint / "trainer.json").is_file():
+        model = MemoryModel.from_pretrained(checkpoint / "model", device=device)
+        optimizer = _make_optimizer(model, config)
+        trainer = json.loads((checkpoint / "trainer.json").read_text())
+        _load_optimizer(optimizer, checkpoint / "optimizer.safetensors", trainer["optimizer"], device)
+        start = trainer["step"]
+        _truncate_metrics(metrics_path, start)
+        log.info("resuming %s at step %d", run_dir, start)
+    else:
+        model = build_model(config, tokenizer).to(device)
+        optimizer = _make_optimizer(model, config)
+        start = 0
+        metrics_path.unlink(missing_ok=True)
+
+    end = config.steps if stop_after is None else min(config.steps, start + stop_after)
+    model.train()
+    bar = tqdm(range(start, end), desc="pretrain", unit="step", disable=not progress, mininterval=2.0, initial=start, total=config.steps)
+    window_tokens, window_start = 0, time.perf_counter()
+    with UsageMonitor(model) as train_usage:
+        for step in bar:
+            dense_phase = _in_dense_phase(step, config)
+            batch = stream.batch(step, config.dense_phase_fact_share if dense_phase else None)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            _set_lrs(optimizer, step, config)
+            if dense_phase:
+                with model.memory_off():
+                    out = model(**batch)
+            else:
+                out = model(**batch)
+            out.loss.backward()
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            window_tokens += int(batch["attention_mask"].sum())
+            done = step + 1
+
+            if done % config.log_every == 0 or done == config.steps:
+                elapsed = time.perf_counter() - window_start
+                usage = {str(i): round(m["used_share"], 4) for i, m in train_usage.metrics().items()}
+                record = {"step": done, "loss": out.loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                          "tokens_per_s": window_tokens / elapsed, "train_usage": usage, "dense_phase": dense_phase}
+                _append_metrics(metrics_path, record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                usage="/".join(f"{u:.1%}" for u in usage.values()), refresh=False)
+                train_usage.reset()
+                window_tokens, window_start = 0, time.perf_counter()
+
+            if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
+                record = {"step": done, "eval": _periodic_eval(model, evaluate, usage_rows, device)}
+                _append_metrics(metrics_path, record)
+                log.info("step %d: %s", done, record["eval"])
+                model.train()
+            if done % config.checkpoint_every == 0 or done == end:
+                _save_checkpoint(checkpoint, model, optimizer, done)
+    model.eval()
+    return model
+
+
+def _periodic_eval(model, evaluate, usage_rows, device) -> dict[str, Any]:
+    model.eval()
+    result: dict[str, Any] = {}
+    if usage_rows is not None:
+        with torch.no_grad(), UsageMonitor(model) as usage:
+            for rows in usage_rows.split(16):
+                model(input_ids=rows.to(device))
+        result["heldout_usage"] = {str(i): m for i, m in usage.metrics().items()}
+    if evaluate is not None:
+        result |= evaluate(model)
+    return result
+
+
+def _make_optimizer(model: MemoryModel, config: PretrainConfig) -> torch.optim.AdamW:
+    groups = model.param_groups(config.lr, weight_decay=config.weight_decay)
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95))
+
+
+def _check_run_config(run_dir: Path, config: PretrainConfig) -> None:
+    """A run directory belongs to one config: resuming with another is refused, changing nothing."""
+    path = run_dir / "config.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("config") != json.loads(json.dumps(config.to_dict())):
+            raise SmvizError(f"{run_dir} holds a run with a different config; choose another name or delete it")
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, json.dumps({"format": RUN_FORMAT, "config": config.to_dict()}, indent=2) + "\n")
+
+
+def _save_checkpoint(checkpoint: Path, model: MemoryModel, optimizer: torch.optim.Optimizer, step: int) -> None:
+    tmp = checkpoint.with_name(checkpoint.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "model")
+    tensors, layout = _flatten_optimizer(optimizer)
+    safetensors.torch.save_file(tensors, tmp / "optimizer.safetensors")
+    (tmp / "trainer.json").write_text(json.dumps({"step": step, "optimizer": layout}) + "\n")
+    old = checkpoint.with_name(checkpoint.name + f".old-{os.getpid()}")
+    if checkpoint.exists():
+        checkpoint.rename(old)
+    tmp.rename(checkpoint)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state as safetensors tensors plus a JSON layout (no pickling anywhere)."""
+    state = optimizer.state_dict()
+    tensors = {}
+    for index, param_state in state["state"].items():
+        for key, value in param_state.items():
+            tensors[f"{index}.{key}"] = value.detach().cpu().contiguous() if torch.is_tensor(value) else torch.tensor(value)
+    groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path, layout: dict[str, Any], device: torch.device) -> None:
+    flat = safetensors.torch.load_file(path)
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in flat.items():
+        index, key = name.split(".", 1)
+        # AdamW keeps `step` on the CPU unless capturable; moments live with their parameters
+        state.setdefault(int(index), {})[key] = tensor if key == "step" else tensor.to(device)
+    optimizer.load_state_dict({"state": state, "param_groups": layout["param_groups"]})
+
+
+def _append_metrics(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    _atomic_write(path, "".join(line + "\n" for line in kept))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
