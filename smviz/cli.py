@@ -50,6 +50,75 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         print(json.dumps(summary, indent=2))
 
 
+def _cmd_world(args: argparse.Namespace) -> None:
+    from smviz.data.world import WorldConfig, WorldError
+    from smviz.pipeline import build_data
+
+    config = WorldConfig(seed=args.seed, n_known=args.known, n_bio_only=args.bio_only, n_new=args.new)
+    try:
+        wrote = build_data(args.out, config, force=args.force)
+    except WorldError as e:
+        raise WorldError(str(e).replace("pass force=True", "pass --force")) from None
+    print(f"{'wrote' if wrote else 'already present:'} fact world and corpus splits in {args.out}")
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    """KEY=VALUE pairs, values parsed as JSON when they parse (numbers, true/false, lists), else strings."""
+    out = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise SmvizError(f"expected KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> None:
+    from smviz.device import resolve_device
+    from smviz.pipeline import evaluate_workspace_model, run_pretraining
+    from smviz.evaluate import format_report
+    from smviz.train.pretrain import PretrainConfig
+    from smviz.workspace import Workspace
+
+    fields = {"preset": args.preset, "steps": args.steps, "seed": args.seed}
+    fields = {k: v for k, v in fields.items() if v is not None} | _parse_overrides(args.set)
+    fields["memory"] = _parse_overrides(args.memory)
+    fields["model"] = _parse_overrides(args.model_override)
+    config = PretrainConfig.from_dict(fields)
+    ws = Workspace(args.workspace)
+    model = run_pretraining(ws, args.name, config, device=resolve_device(args.device))
+    result = evaluate_workspace_model(ws, model)
+    _write_json_atomic(ws.pretrain_run(args.name) / "eval.json", result)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from smviz.device import resolve_device
+    from smviz.evaluate import format_report
+    from smviz.model import MemoryModel
+    from smviz.pipeline import evaluate_workspace_model
+    from smviz.workspace import Workspace
+
+    model = MemoryModel.from_pretrained(args.model, device=resolve_device(args.device))
+    result = evaluate_workspace_model(Workspace(args.workspace), model)
+    if args.out:
+        _write_json_atomic(args.out, result)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+
+
+def _write_json_atomic(path, obj) -> None:
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from smviz.model import PRESETS
 
@@ -71,6 +140,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model directory written by smviz")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(run=_cmd_info)
+
+    p = sub.add_parser("world", help="write the fact world and the background corpus splits")
+    p.add_argument("--out", required=True, help="data directory, e.g. WS/data")
+    p.add_argument("--seed", type=int, default=0, help="world and corpus-split seed")
+    p.add_argument("--known", type=int, default=150, help="people in pretraining as statements and Q/A")
+    p.add_argument("--bio-only", type=int, default=100, help="people in pretraining as statements only")
+    p.add_argument("--new", type=int, default=100, help="people never seen in pretraining (the stream)")
+    p.add_argument("--force", action="store_true", help="replace a different world already in --out")
+    p.set_defaults(run=_cmd_world)
+
+    p = sub.add_parser("pretrain", help="pretrain a model from scratch on the workspace's corpus and world, then evaluate it")
+    p.add_argument("--workspace", default="workspace", help="workspace whose data/ holds the world (smviz world)")
+    p.add_argument("--name", default="tiny", help="model name: run state in WS/pretrain/NAME, model in WS/models/NAME")
+    p.add_argument("--preset", default=None, help="model preset (default tiny)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    p.add_argument("--seed", type=int, default=None, help="seed of initialisation and data order")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other PretrainConfig fields, e.g. lr=1e-3 fact_share=0.5")
+    p.add_argument("--memory", nargs="*", default=[], metavar="KEY=VALUE", help="MemoryConfig overrides, e.g. value_lr_mult=10 mode=parallel")
+    p.add_argument("--model", dest="model_override", nargs="*", default=[], metavar="KEY=VALUE", help="HF config overrides, e.g. intermediate_size=512")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print the evaluation as JSON")
+    p.set_defaults(run=_cmd_pretrain)
+
+    p = sub.add_parser("eval", help="evaluate a model on the workspace's facts and held-out corpus, memory on and off")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--workspace", default="workspace", help="workspace whose data/ holds the world")
+    p.add_argument("--out", default=None, help="also write the JSON result here")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(run=_cmd_eval)
 
     p = sub.add_parser(
         "demo",

@@ -60,3 +60,20 @@ def test_micro_demo_runs_and_resumes(tmp_path, capsys):
     second = json.loads((ws / "reports" / "demo-micro.json").read_text())
     assert "training" not in second
     assert second["trained_eval"] == first["trained_eval"]
+
+
+def test_world_writes_and_refuses_another_world(tmp_path, capsys):
+    out = tmp_path / "data"
+    assert main(["world", "--out", str(out), "--known", "3", "--bio-only", "2", "--new", "2"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["corpus-heldout.jsonl", "corpus-train.jsonl", "facts-bio.jsonl", "facts-known.jsonl",
+                     "facts-new.jsonl", "world.json"]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(["world", "--out", str(out), "--known", "4"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main(["world", "--out", str(out), "--known", "3", "--bio-only", "2", "--new", "2"]) == 0
+    assert "already present" in capsys.readouterr().out
+    assert main(["world", "--out", str(out), "--known", "4", "--force"]) == 0
+    assert json.loads((out / "world.json").read_text())["config"]["n_known"] == 4
