@@ -42,12 +42,11 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from smviz.demo import DemoSettings, run_demo
+    from smviz.demo import run_demo
 
-    settings = DemoSettings.for_preset(args.preset, steps=args.steps, seed=args.seed)
-    summary = run_demo(args.workspace, settings, device=args.device)
+    result = run_demo(args.workspace, preset=args.preset, device=args.device, steps=args.steps, seed=args.seed)
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(result, indent=2))
 
 
 def _cmd_world(args: argparse.Namespace) -> None:
@@ -173,15 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="build a model, save and verify it, train it briefly and show what its memory does",
-        description="Stages already done in the workspace are skipped; delete a model directory to redo it.",
+        help="build the default workspace: world, corpus, tokenizer, a pretrained model, its evaluation",
+        description="Stages already done in the workspace are skipped; an interrupted pretraining resumes.",
     )
     p.add_argument("--workspace", default="workspace", help="workspace directory (default: ./workspace)")
-    p.add_argument("--preset", default="tiny", help=f"built-in model: {presets}")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default per preset: tiny 150, micro 200)")
-    p.add_argument("--seed", type=int, default=0, help="seed for initialisation, data and training")
+    p.add_argument("--preset", default="tiny", help="tiny (the default model, ~45 min on 2 CPU cores) or micro (about a minute)")
+    p.add_argument("--steps", type=int, default=None, help="override the recipe's pretraining steps")
+    p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    p.add_argument("--json", action="store_true", help="also print the summary as JSON")
+    p.add_argument("--json", action="store_true", help="also print the evaluation as JSON")
     p.set_defaults(run=_cmd_demo)
     return parser
 

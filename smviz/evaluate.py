@@ -202,6 +202,9 @@ def answer_questions(
                     rows[i]["prediction"] = text.split("\n", 1)[0].strip()
     finally:
         tokenizer.padding_side = side
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            backend.no_padding()  # padded calls leave padding on the shared backend (and in tokenizer.json)
 
     for r in rows:
         r["em"] = exact_match(r["prediction"], r["gold"])

@@ -175,3 +175,14 @@ def test_pack_documents_errors(tok):
         pack_documents(tok, [], 8)
     with pytest.raises(ConfigError, match="seq_len"):
         pack_documents(tok, ["some text"], 0)
+
+
+def test_pack_documents_ignores_padding_left_on_the_backend():
+    """A batch call with padding (as left-padded generation makes) must not leak pad ids into packing."""
+    tok = train_tokenizer(["alpha beta gamma delta " * 20, "epsilon zeta eta " * 10], vocab_size=300)
+    texts = ["alpha beta", "gamma delta epsilon zeta eta alpha beta gamma"]
+    expected = pack_documents(tok, texts, seq_len=4)
+    tok.padding_side = "left"
+    tok(texts, padding=True)
+    tok.backend_tokenizer.enable_padding(direction="left", pad_id=0, pad_token="<|endoftext|>")
+    assert torch.equal(pack_documents(tok, texts, seq_len=4), expected)

@@ -101,7 +101,12 @@ def pack_documents(
         raise ConfigError("pack_documents takes strings")
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and hasattr(backend, "encode_batch_fast"):
-        # the Rust batch encoder without offsets (the backend post-processor adds nothing: ByteLevel)
+        # the Rust batch encoder without offsets (the backend post-processor adds nothing: ByteLevel),
+        # on a copy with padding and truncation off: a batch call elsewhere (left-padded generation)
+        # leaves padding enabled on the shared backend, and padded ids would enter the stream
+        backend = Tokenizer.from_str(backend.to_str())
+        backend.no_padding()
+        backend.no_truncation()
         ids = [enc.ids for enc in backend.encode_batch_fast(texts, add_special_tokens=False)]
     else:
         ids = tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]

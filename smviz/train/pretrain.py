@@ -94,6 +94,23 @@ class PretrainConfig:
         return cls(**d)
 
 
+RECIPES: dict[str, dict[str, Any]] = {
+    # The tiny model's pretraining recipe: see analyses/memory_usage.md for how it was found.
+    "tiny": dict(preset="tiny", steps=2400, lr=2e-3, fact_share=0.7, eval_every=400, eval_facts=40,
+                 checkpoint_every=200, memory={"value_lr_mult": 10}),
+    # A one-minute version for CI and `smviz demo --preset micro`: shows the pipeline, learns little.
+    "micro": dict(preset="micro", steps=150, lr=3e-3, fact_share=0.7, eval_every=0, eval_facts=10,
+                  usage_rows=16, checkpoint_every=50, memory={"value_lr_mult": 10}),
+}
+
+
+def recipe(preset_name: str, **overrides: Any) -> PretrainConfig:
+    """The recommended PretrainConfig of a preset, with `overrides` (None values ignored)."""
+    if preset_name not in RECIPES:
+        raise ConfigError(f"no pretraining recipe for preset {preset_name!r}; recipes exist for {sorted(RECIPES)}")
+    return PretrainConfig.from_dict(RECIPES[preset_name] | {k: v for k, v in overrides.items() if v is not None})
+
+
 def lr_factor(step: int, config: PretrainConfig) -> float:
     """Linear warmup to 1, then cosine decay to min_lr_ratio at the last step (restarting warmup
     after the dense phase, when the memory and the world come in)."""
