@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from smviz.errors import SmvizError
+from smviz.io import write_json_atomic
 
 
 def _cmd_build(args: argparse.Namespace) -> None:
@@ -90,7 +91,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     ws = Workspace(args.workspace)
     model = run_pretraining(ws, args.name, config, device=resolve_device(args.device))
     result = evaluate_workspace_model(ws, model)
-    _write_json_atomic(ws.pretrain_run(args.name) / "eval.json", result)
+    write_json_atomic(ws.pretrain_run(args.name) / "eval.json", result)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
 
 
@@ -104,18 +105,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     model = MemoryModel.from_pretrained(args.model, device=resolve_device(args.device))
     result = evaluate_workspace_model(Workspace(args.workspace), model)
     if args.out:
-        _write_json_atomic(args.out, result)
+        write_json_atomic(args.out, result)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
-
-
-def _write_json_atomic(path, obj) -> None:
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def build_parser() -> argparse.ArgumentParser:

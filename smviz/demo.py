@@ -16,6 +16,7 @@ from typing import Any
 from smviz.data.world import WorldConfig
 from smviz.device import resolve_device, seed_everything
 from smviz.evaluate import format_report
+from smviz.io import write_json_atomic
 from smviz.model import MemoryModel, verify_model_dir
 from smviz.pipeline import build_data, evaluate_workspace_model, run_pretraining
 from smviz.train.pretrain import recipe
@@ -65,10 +66,7 @@ def run_demo(
     else:
         t0 = time.perf_counter()
         result = evaluate_workspace_model(ws, model)
-        report_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = report_path.with_name(f".{report_path.name}.tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(report_path)
+        write_json_atomic(report_path, result)
         say(f"[3/3] evaluated in {time.perf_counter() - t0:.0f}s → {report_path}")
     say(format_report(result))
     return result

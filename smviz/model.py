@@ -22,7 +22,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import transformers
 from torch import nn
 
 from smviz.errors import ConfigError, ModelFileError
+from smviz.io import replace_dir
 from smviz.memory import MemoryConfig, ProductKeyMemory, ValueTable
 
 log = logging.getLogger(__name__)
@@ -348,7 +349,7 @@ class MemoryModel(nn.Module):
                 _drop_load_time_keys(tmp / "tokenizer_config.json")
             files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
             _write_json(tmp / MANIFEST, {"format": MODEL_FORMAT, "files": files})
-            _replace_dir(tmp, directory)
+            replace_dir(tmp, directory)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.model_hash = _hash_files(files)
@@ -445,12 +446,3 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move a finished temp dir into place; an older dst is swapped out and deleted only afterwards."""
-    if dst.exists():
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        dst.rename(old)
-        src.rename(dst)
-        shutil.rmtree(old)
-    else:
-        src.rename(dst)

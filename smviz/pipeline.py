@@ -19,6 +19,7 @@ from smviz.data.facts import Fact
 from smviz.data.tokenizer import pack_documents, train_tokenizer
 from smviz.data.world import World, WorldConfig, generate_world, read_world, write_world
 from smviz.errors import SmvizError
+from smviz.io import replace_dir
 from smviz.evaluate import answer_questions, evaluate_model, qa_metrics
 from smviz.model import MemoryModel
 from smviz.train.data import PretrainStream, pack_whole_documents, world_documents
@@ -90,7 +91,7 @@ def ensure_tokenizer(ws: Workspace, data: WorkspaceData, vocab_size: int = TOKEN
     tokenizer = train_tokenizer(texts, vocab_size=vocab_size)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tokenizer.save_pretrained(tmp)
-    tmp.rename(path)
+    replace_dir(tmp, path)
     return tokenizer
 
 

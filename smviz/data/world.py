@@ -34,6 +34,7 @@ from typing import Any
 
 from smviz.data.facts import Entity, Fact, FactFileError, Question, read_facts, write_facts
 from smviz.errors import SmvizError
+from smviz.io import write_text_atomic
 
 WORLD_FORMAT = "smviz-world/1"
 WORLD_FILE = "world.json"
@@ -745,10 +746,5 @@ def write_world(directory: str | os.PathLike, world: World, force: bool = False)
             meta_path.unlink()
     for population in POPULATIONS:
         write_facts(directory / POPULATION_FILES[population], world.population(population))
-    tmp = meta_path.with_name(f".{WORLD_FILE}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-        tmp.replace(meta_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(meta_path, json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
     return True

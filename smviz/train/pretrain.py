@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from smviz.errors import ConfigError, SmvizError
+from smviz.io import replace_dir, write_text_atomic
 from smviz.model import MemoryModel, preset
 from smviz.train.data import PretrainStream
 from smviz.usage import UsageMonitor
@@ -257,7 +258,7 @@ def _check_run_config(run_dir: Path, config: PretrainConfig) -> None:
             raise SmvizError(f"{run_dir} holds a run with a different config; choose another name or delete it")
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps({"format": RUN_FORMAT, "config": config.to_dict()}, indent=2) + "\n")
+    write_text_atomic(path, json.dumps({"format": RUN_FORMAT, "config": config.to_dict()}, indent=2) + "\n")
 
 
 def _save_checkpoint(checkpoint: Path, model: MemoryModel, optimizer: torch.optim.Optimizer, step: int) -> None:
@@ -268,11 +269,7 @@ def _save_checkpoint(checkpoint: Path, model: MemoryModel, optimizer: torch.opti
     tensors, layout = _flatten_optimizer(optimizer)
     safetensors.torch.save_file(tensors, tmp / "optimizer.safetensors")
     (tmp / "trainer.json").write_text(json.dumps({"step": step, "optimizer": layout}) + "\n")
-    old = checkpoint.with_name(checkpoint.name + f".old-{os.getpid()}")
-    if checkpoint.exists():
-        checkpoint.rename(old)
-    tmp.rename(checkpoint)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, checkpoint)
 
 
 def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -306,10 +303,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    _atomic_write(path, "".join(line + "\n" for line in kept))
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)
