@@ -291,6 +291,7 @@ class MemoryModel(nn.Module):
     def param_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
         """Optimizer parameter groups that apply the memory learning-rate multipliers:
         'values' at lr·value_lr_mult, 'keys' (keys, query projection and norm) at lr·key_lr_mult,
+        'memory_out' (the memory's W1/W2 output projections) at lr,
         'dense' (everything else) at lr. Weight decay applies to matrices and keys, never to vectors
         (biases, norm gains), which go to '<group>_no_decay'.
         A multiplier of 0 freezes that group: it is left out and its parameters stop requiring grad."""
@@ -301,10 +302,18 @@ class MemoryModel(nn.Module):
             key_ids |= {id(p) for p in (m.keys, *m.query.parameters(), *m.query_norm.parameters())}
             if m.query_gain is not None:
                 key_ids.add(id(m.query_gain))
-        group_lr = {"values": lr * c.value_lr_mult, "keys": lr * c.key_lr_mult, "dense": lr}
+        output_ids = {
+            id(p) for m in self._memory_layers.values() for lin in (m.w1, m.w2) if lin is not None for p in lin.parameters()
+        }
+        group_lr = {"values": lr * c.value_lr_mult, "keys": lr * c.key_lr_mult, "memory_out": lr, "dense": lr}
         buckets: dict[tuple[str, bool], list[nn.Parameter]] = {(g, d): [] for g in group_lr for d in (True, False)}
         for p in self.parameters():  # parameters() yields a shared or tied tensor once
-            group = "values" if id(p) in value_ids else "keys" if id(p) in key_ids else "dense"
+            group = (
+                "values" if id(p) in value_ids
+                else "keys" if id(p) in key_ids
+                else "memory_out" if id(p) in output_ids
+                else "dense"
+            )
             buckets[(group, p.dim() >= 2)].append(p)
         groups = []
         for (group, decay), params in buckets.items():

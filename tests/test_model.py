@@ -689,6 +689,8 @@ def _expected_group(name: str, p: torch.Tensor) -> str:
         return "values"
     if any(f".memory.{part}" in name for part in ("keys", "query.", "query_norm.", "query_gain")):
         return "keys"
+    if ".memory.w1." in name or ".memory.w2." in name:
+        return "memory_out"
     return "dense"
 
 
@@ -704,7 +706,7 @@ def test_param_groups_membership_and_lr(shared):
     lr, wd = 1e-3, 0.1
     groups = model.param_groups(lr, weight_decay=wd)
     by_name = {g["name"]: g for g in groups}
-    assert sorted(by_name) == ["dense", "dense_no_decay", "keys", "keys_no_decay", "values"]
+    assert sorted(by_name) == ["dense", "dense_no_decay", "keys", "keys_no_decay", "memory_out", "memory_out_no_decay", "values"]
     assert math.isclose(by_name["values"]["lr"], lr * 10.0)
     assert math.isclose(by_name["keys"]["lr"], lr * 0.5)
     assert by_name["dense"]["lr"] == lr and by_name["dense_no_decay"]["lr"] == lr
@@ -748,7 +750,7 @@ def test_param_groups_key_lr_zero_freezes_keys():
 def test_param_groups_value_lr_zero_freezes_values():
     model = MemoryModel(tiny_llama(), mem_cfg(layers=(1,), value_lr_mult=0.0))
     groups = model.param_groups(1e-3)
-    assert sorted(g["name"] for g in groups) == ["dense", "dense_no_decay", "keys", "keys_no_decay"]
+    assert sorted(g["name"] for g in groups) == ["dense", "dense_no_decay", "keys", "keys_no_decay", "memory_out", "memory_out_no_decay"]
     assert not model.values[1].requires_grad
     assert sum(p.requires_grad for p in model.parameters()) == sum(len(g["params"]) for g in groups)
 

@@ -109,7 +109,7 @@ def test_micro_pretraining_lowers_heldout_loss(tmp_path, setting):
 
 def test_resume_equals_uninterrupted(tmp_path, setting):
     tokenizer, stream, heldout = setting
-    config = micro_config(steps=12, log_every=2, checkpoint_every=4, dense_phase_steps=3, dense_lr_mult_after=0.5)
+    config = micro_config(steps=12, log_every=2, checkpoint_every=4, dense_phase_steps=3, dense_lr_mult=0.5)
     whole = pretrain(tmp_path / "a", config, tokenizer=tokenizer, stream=stream, progress=False)
     pretrain(tmp_path / "b", config, tokenizer=tokenizer, stream=stream, stop_after=4, progress=False)
     # a run killed after logging step 6 but before its next checkpoint: that line is written again

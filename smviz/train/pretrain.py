@@ -11,7 +11,7 @@ Levers against memory collapse and for putting the facts into the memory (see me
 the MemoryConfig knobs (`memory` overrides), dense-model shape (`model` overrides), the data mix
 (`fact_share`), and a dense phase: for the first `dense_phase_steps` steps the memory output is off
 and the data is corpus only, so the dense model learns language first; after it, dense parameters
-train at `dense_lr_mult_after` × lr (0 freezes them, leaving the world to the memory).
+train at `dense_lr_mult` × lr (also without a dense phase; 0 freezes them, leaving the world to the memory).
 """
 
 from __future__ import annotations
@@ -62,7 +62,9 @@ class PretrainConfig:
     world_copies: int = field(default=16, metadata={"help": "biographies (and Q/A documents) per person"})
     dense_phase_steps: int = field(default=0, metadata={"help": "first steps with the memory off, on corpus only"})
     dense_phase_fact_share: float = field(default=0.0, metadata={"help": "fact share during the dense phase"})
-    dense_lr_mult_after: float = field(default=1.0, metadata={"help": "dense lr multiplier after the dense phase (0 freezes)"})
+    dense_lr_mult: float = field(
+        default=1.0, metadata={"help": "lr multiplier of dense parameters while the memory is on (0 freezes them)"}
+    )
     eval_every: int = field(default=250, metadata={"help": "steps between evaluations (0: only at the end)"})
     eval_facts: int = field(default=100, metadata={"help": "facts per population asked at periodic evaluations"})
     usage_rows: int = field(default=64, metadata={"help": "held-out rows over which periodic usage is counted"})
@@ -141,9 +143,9 @@ def _in_dense_phase(step: int, config: PretrainConfig) -> bool:
 
 def _set_lrs(optimizer: torch.optim.Optimizer, step: int, config: PretrainConfig) -> None:
     factor = lr_factor(step, config)
-    after = not _in_dense_phase(step, config) and config.dense_phase_steps > 0
+    memory_on = not _in_dense_phase(step, config)
     for group in optimizer.param_groups:
-        mult = config.dense_lr_mult_after if after and group["name"].startswith("dense") else 1.0
+        mult = config.dense_lr_mult if memory_on and group["name"].startswith("dense") else 1.0
         group["lr"] = group["base_lr"] * factor * mult
 
 
