@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stages already done in the workspace are skipped; an interrupted pretraining resumes.",
     )
     p.add_argument("--workspace", default="workspace", help="workspace directory (default: ./workspace)")
-    p.add_argument("--preset", default="tiny", help="tiny (the default model, ~45 min on 2 CPU cores) or micro (1-2 minutes)")
+    p.add_argument("--preset", default="tiny", help="tiny (the default model, ~22 min on 2 CPU cores) or micro (1-2 minutes)")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's pretraining steps")
     p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")

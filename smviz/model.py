@@ -113,17 +113,17 @@ PRESETS: dict[str, Preset] = {
         "the micro shape on GPT-2 blocks",
     ),
     # The demo's default model: the paper's memory shape (4 heads, top-32, one memory replacing the
-    # FFN of a middle block) scaled down for 2 CPU cores. The other blocks' FFNs are narrow (256, not
+    # FFN of a middle block) scaled down for 2 CPU cores. The other blocks' FFNs are narrow (64, not
     # 4·d) so that the facts land in the memory rather than in dense weights: analyses/memory_usage.md.
     "tiny": Preset(
         "llama",
         dict(
-            vocab_size=4096, hidden_size=256, intermediate_size=256, num_hidden_layers=4,
+            vocab_size=4096, hidden_size=256, intermediate_size=64, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
             tie_word_embeddings=True,
         ),
         MemoryConfig(n_keys=256, heads=4, knn=32, k_dim=128, v_dim=256, layers=(2,)),
-        "4 Llama blocks, d=256, FFN 256; 65,536-slot memory (4 heads x top-32) replacing the FFN of block 2",
+        "4 Llama blocks, d=256, FFN 64; 65,536-slot memory (4 heads x top-32) replacing the FFN of block 2",
     ),
 }
 

@@ -99,7 +99,7 @@ class PretrainConfig:
 
 RECIPES: dict[str, dict[str, Any]] = {
     # The tiny model's pretraining recipe: see analyses/memory_usage.md for how it was found.
-    "tiny": dict(preset="tiny", steps=3600, lr=2e-3, fact_share=0.7, eval_every=600, eval_facts=40,
+    "tiny": dict(preset="tiny", steps=1600, lr=2e-3, fact_share=0.7, eval_every=800, eval_facts=40,
                  checkpoint_every=200, memory={"value_lr_mult": 10}),
     # A short version (1-2 minutes) for CI and `smviz demo --preset micro`: shows the pipeline, learns little.
     "micro": dict(preset="micro", steps=150, lr=3e-3, fact_share=0.7, eval_every=0, eval_facts=10,
