@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from smviz.errors import ConfigError, SmvizError
 from smviz.io import replace_dir, write_text_atomic
 from smviz.model import MemoryModel, preset
+from smviz.evaluate import memory_usage
 from smviz.train.data import PretrainStream
 from smviz.usage import UsageMonitor
 
@@ -221,7 +222,7 @@ def pretrain(
                 window_tokens, window_start = 0, time.perf_counter()
 
             if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
-                record = {"step": done, "eval": _periodic_eval(model, evaluate, usage_rows, device)}
+                record = {"step": done, "eval": _periodic_eval(model, evaluate, usage_rows)}
                 _append_metrics(metrics_path, record)
                 log.info("step %d: %s", done, record["eval"])
                 model.train()
@@ -231,14 +232,11 @@ def pretrain(
     return model
 
 
-def _periodic_eval(model, evaluate, usage_rows, device) -> dict[str, Any]:
+def _periodic_eval(model, evaluate, usage_rows) -> dict[str, Any]:
     model.eval()
     result: dict[str, Any] = {}
     if usage_rows is not None:
-        with torch.no_grad(), UsageMonitor(model) as usage:
-            for rows in usage_rows.split(16):
-                model(input_ids=rows.to(device))
-        result["heldout_usage"] = {str(i): m for i, m in usage.metrics().items()}
+        result["heldout_usage"] = memory_usage(model, usage_rows)["blocks"]
     if evaluate is not None:
         result |= evaluate(model)
     return result
