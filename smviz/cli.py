@@ -62,6 +62,23 @@ def _cmd_world(args: argparse.Namespace) -> None:
     print(f"{'wrote' if wrote else 'already present:'} fact world and corpus splits in {args.out}")
 
 
+def _cmd_record(args: argparse.Namespace) -> None:
+    from smviz.device import resolve_device
+    from smviz.model import MemoryModel
+    from smviz.record import read_documents, record_texts
+
+    documents, source = read_documents(args.input)  # bad input fails here, before anything is loaded or written
+    model = MemoryModel.from_pretrained(args.model, device=resolve_device(args.device))
+    trace = record_texts(
+        model, documents, args.out, source=source, layers=args.layers, context=args.context, stride=args.stride,
+        batch_size=args.batch_size, force=args.force,
+    )
+    info = {"path": str(trace.path), "model_hash": trace.model_hash, "documents": trace.n_docs,
+            "tokens": trace.n_tokens, "accesses": trace.n_accesses, "layers": trace.layers}
+    print(json.dumps(info, indent=2) if args.json else
+          f"recorded {trace.n_docs:,} documents, {trace.n_tokens:,} tokens, {trace.n_accesses:,} accesses → {trace.path}")
+
+
 def _parse_overrides(pairs: list[str]) -> dict:
     """KEY=VALUE pairs, values parsed as JSON when they parse (numbers, true/false, lists), else strings."""
     out = {}
@@ -107,6 +124,28 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if args.out:
         write_json_atomic(args.out, result)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
+
+
+def _cmd_stats(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from smviz.stats import STATS_FILE, background_stats, distributed_from_env, format_usage
+
+    with distributed_from_env(args.device) as (rank, world_size, device):
+        stats = background_stats(
+            args.workspace, args.model, unit=args.unit, n_batches=args.batches, batch_size=args.batch_size,
+            seq_len=args.seq_len, device=device, out=args.out, rank=rank, world_size=world_size,
+        )
+    if rank != 0:
+        return
+    out = args.out or str(Path(args.model) / STATS_FILE)
+    if args.json:
+        info = {"path": out, "model_hash": stats.model_hash, "unit": stats.unit, "n_docs": stats.n_docs,
+                "n_tokens": stats.n_tokens, "protocol": stats.protocol,
+                "usage": {str(block): m for block, m in stats.usage().items()}}
+        print(json.dumps(info, indent=2))
+    else:
+        print(f"wrote {out}\n{format_usage(stats)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +199,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(run=_cmd_eval)
+
+    p = sub.add_parser(
+        "record",
+        help="record which memory slots every token of a text file reads, into a trace",
+        description="Documents longer than --context are read in windows --stride tokens apart; every token is "
+        "recorded once. An interrupted recording resumes when the same command is run again.",
+    )
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--input", required=True, help="JSONL file: one {\"text\": ..., \"id\": ...} per line, or a facts file (statements and Q/A)")
+    p.add_argument("--out", required=True, help="trace directory to write, e.g. WS/traces/NAME")
+    p.add_argument("--layers", type=int, nargs="*", default=None, help="memory blocks to record (default: all)")
+    p.add_argument("--context", type=int, default=None, help="tokens per window (default 128, capped by the model)")
+    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default context/2)")
+    p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
+    p.add_argument("--force", action="store_true", help="replace an existing trace at --out")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(run=_cmd_record)
+
+    p = sub.add_parser(
+        "stats",
+        help="count background slot accesses and document frequencies of a model (for TF-IDF ranking)",
+        description=(
+            "Runs the model on random batches of its own pretraining mixture (corpus train split + world texts "
+            "of known and bio-only people; never held-out text or new facts) and writes per-slot access counts and "
+            "document frequencies beside its weights (the model hash does not change). Resumes an interrupted run. "
+            "Under torchrun (e.g. `torchrun --nproc-per-node 2 -m smviz stats ...`) the batches are split over the "
+            "processes and the result is identical to one process."
+        ),
+    )
+    p.add_argument("--model", required=True, help="model directory (e.g. WS/models/NAME)")
+    p.add_argument("--workspace", default=None,
+                   help="workspace whose data/ and pretrain/NAME/config.json define the mixture "
+                        "(default: the workspace holding --model when it is WS/models/NAME, else ./workspace)")
+    p.add_argument("--unit", default="batch", choices=["batch", "sequence"],
+                   help="what a document is: batch (default, the paper: one background batch) or sequence (one row)")
+    p.add_argument("--batches", type=int, default=1000, help="background batches to run (default 1000, as the paper)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per batch (default: the batch size of the model's pretraining run, else 16)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per row (default: the sequence length of the model's pretraining run, else 128)")
+    p.add_argument("--out", default=None, help="output file (default MODEL_DIR/slot_stats.safetensors)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the usage summary")
+    p.set_defaults(run=_cmd_stats)
 
     p = sub.add_parser(
         "demo",

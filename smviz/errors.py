@@ -13,3 +13,7 @@ class ConfigError(SmvizError, ValueError):
 
 class ModelFileError(SmvizError):
     """A model directory is incomplete, altered, or not an smviz model."""
+
+
+class TraceError(SmvizError):
+    """A trace is incomplete, damaged, queried out of range, or recorded with another model."""

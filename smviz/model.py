@@ -415,6 +415,11 @@ def verify_model_dir(directory: Path) -> dict[str, str]:
     return files
 
 
+def model_dir_hash(directory: str | os.PathLike) -> str:
+    """The model hash of a model directory, verified, without loading its weights."""
+    return _hash_files(verify_model_dir(Path(directory)))
+
+
 def _unique_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each tied/shared tensor once (under its first name), contiguous — so the
     same weights always give the same safetensors bytes (and the same model hash)."""

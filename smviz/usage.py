@@ -29,13 +29,14 @@ def usage_metrics(counts: torch.Tensor) -> dict[str, float]:
     - `kl_uniform`: KL(p ‖ uniform) = ln N − entropy (0 when every slot is read equally);
     - `gini`: Gini coefficient of the counts (0 = equal use, → 1 = all reads on one slot);
     - `slots_50`, `slots_90`, `slots_99`: fewest slots that together hold 50/90/99 % of the reads;
-    - `accesses`: total reads counted.
-    With no reads at all, every metric but `accesses` is NaN.
+    - `dead`: number of slots never read (count 0);
+    - `slots`: N; `accesses`: total reads counted.
+    With no reads at all, every metric but `slots`, `accesses` and `dead` (= N) is NaN.
     """
     c = counts.detach().double().flatten()
     n = c.numel()
     total = c.sum().item()
-    out: dict[str, float] = {"slots": n, "accesses": total}
+    out: dict[str, float] = {"slots": n, "accesses": total, "dead": int((c == 0).sum().item())}
     if total <= 0:
         nan = float("nan")
         return out | {"used_share": nan, "entropy": nan, "kl_uniform": nan, "gini": nan} | {

@@ -1,4 +1,5 @@
-"""Shared test setup: offline Hugging Face, at most 2 torch threads, and the micro model fixture."""
+"""Shared test setup: offline Hugging Face, at most 2 torch threads, the micro model fixture, and the
+device that device-aware tests run on (CPU; `SMVIZ_TEST_DEVICE=cuda` runs them on a GPU)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,9 @@ def micro_model():
     from smviz.model import MemoryModel
 
     return MemoryModel.from_preset("micro", seed=0)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where device-aware tests put models and inputs: $SMVIZ_TEST_DEVICE, default cpu."""
+    return torch.device(os.environ.get("SMVIZ_TEST_DEVICE", "cpu"))

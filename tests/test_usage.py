@@ -38,7 +38,7 @@ def entropy_nats(x) -> float:
     return -sum(v / total * math.log(v / total) for v in x if v > 0)
 
 
-METRIC_KEYS = {"slots", "accesses", "used_share", "entropy", "kl_uniform", "gini", "slots_50", "slots_90", "slots_99"}
+METRIC_KEYS = {"slots", "accesses", "dead", "used_share", "entropy", "kl_uniform", "gini", "slots_50", "slots_90", "slots_99"}
 
 
 # --------------------------------------------------------------------------- usage_metrics on hand-built counts
@@ -48,6 +48,7 @@ def test_metrics_all_on_one_slot():
     m = usage_metrics(torch.tensor([4, 0, 0, 0]))
     assert set(m) == METRIC_KEYS
     assert m["slots"] == 4 and m["accesses"] == 4
+    assert m["dead"] == 3
     assert m["used_share"] == pytest.approx(0.25)
     assert m["entropy"] == pytest.approx(0.0, abs=1e-12)
     assert m["kl_uniform"] == pytest.approx(math.log(4))
@@ -59,6 +60,7 @@ def test_metrics_all_on_one_slot():
 def test_metrics_uniform():
     m = usage_metrics(torch.tensor([1, 1, 1, 1]))
     assert m["accesses"] == 4
+    assert m["dead"] == 0
     assert m["used_share"] == pytest.approx(1.0)
     assert m["entropy"] == pytest.approx(math.log(4))
     assert m["kl_uniform"] == pytest.approx(0.0, abs=1e-12)
@@ -76,6 +78,7 @@ def test_metrics_uneven():
     assert m["entropy"] == pytest.approx(h)
     assert m["kl_uniform"] == pytest.approx(math.log(4) - h)
     assert m["used_share"] == pytest.approx(0.75)
+    assert m["dead"] == 1
     assert m["accesses"] == 10
     # Σ_i Σ_j |xi − xj| = 2·(3+5+6+2+3+1) = 40; 2 n² mean = 2·16·2.5 = 80 → 0.5
     assert gini_mad(counts) == pytest.approx(0.5)
@@ -101,6 +104,7 @@ def test_metrics_order_dtype_and_shape_do_not_matter():
 def test_metrics_no_reads_are_nan():
     m = usage_metrics(torch.zeros(5, dtype=torch.long))
     assert m["accesses"] == 0 and m["slots"] == 5
+    assert m["dead"] == 5  # every slot is dead: a count, not NaN
     for k in ("used_share", "entropy", "kl_uniform", "gini", "slots_50", "slots_90", "slots_99"):
         assert math.isnan(m[k]), k
 
@@ -115,6 +119,7 @@ def test_metrics_random_counts_against_references():
         ints = [int(v) for v in counts]
         assert m["accesses"] == sum(ints)
         assert m["used_share"] == pytest.approx(sum(v > 0 for v in ints) / n)
+        assert m["dead"] == sum(v == 0 for v in ints)
         assert m["entropy"] == pytest.approx(entropy_nats(ints))
         assert m["kl_uniform"] == pytest.approx(math.log(n) - entropy_nats(ints))
         assert m["gini"] == pytest.approx(gini_mad(ints))
@@ -126,6 +131,7 @@ def test_metrics_fractional_weighted_counts():
     """Weighted counts are floats; the hand numbers still hold (p = (0.5, 0.25, 0.25))."""
     m = usage_metrics(torch.tensor([0.5, 0.25, 0.25], dtype=torch.float64))
     assert m["accesses"] == pytest.approx(1.0)
+    assert m["dead"] == 0
     assert m["entropy"] == pytest.approx(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
     assert m["gini"] == pytest.approx(gini_mad([0.5, 0.25, 0.25]))  # = 1/6
     assert m["gini"] == pytest.approx(1 / 6)

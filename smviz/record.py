@@ -1,0 +1,425 @@
+"""Recording which memory slots every token reads: `AccessRecorder` (hooks on a live model, in eval
+or inside a training step) and `record_texts` (documents → an on-disk `Trace`, what `smviz record`
+runs).
+
+`AccessRecorder` keeps each forward call's reads on the model's device while the call runs, then
+moves them to the host in one transfer: the real (non-padding) tokens only, slot ids as int32 and
+weights as float16, one `RecordedBatch` per call.
+
+`record_texts` tokenises documents with character offsets, cuts a document longer than the context
+into windows `stride` tokens apart and records each token once — in the first window that reaches
+it, so every token after the first window has at least `context - stride` tokens of left context
+(the strided evaluation of Hugging Face's perplexity guide). Documents are recorded in groups of
+about `shard_tokens` tokens, one trace shard per group, so an interrupted recording resumes after
+its last shard.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.hooks import RemovableHandle
+from tqdm.auto import tqdm
+
+from smviz.errors import SmvizError, TraceError
+from smviz.model import MemoryModel
+from smviz.trace import Trace, TraceWriter, accesses_table, model_meta, tokens_table
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 128
+"""Tokens per window when recording text: the sequence length the built-in models are trained on
+(longer windows would put tokens at positions the model never saw). Capped by the model's limit."""
+
+
+class RecordInputError(SmvizError):
+    """An input file for recording is empty, not UTF-8, or not JSONL of documents or facts."""
+
+
+@dataclass
+class RecordedBatch:
+    """The reads of one forward call, on the host, for its real tokens in (sequence, position) order."""
+
+    batch_size: int  # sequences in the call, padding-only ones included
+    seq: np.ndarray  # (n,) int32: the token's row in the call's batch
+    position: np.ndarray  # (n,) int32: its column in the attention mask (past positions counted under a KV cache)
+    token_id: np.ndarray  # (n,) int32, -1 when the call passed embeddings
+    layers: list[int]  # memory blocks recorded, in the order of the slots' second axis
+    slots: np.ndarray  # (n, len(layers), heads, knn) int32
+    weights: np.ndarray  # (n, len(layers), heads, knn) float16
+
+
+class AccessRecorder:
+    """Records every read of the model's memory layers for every forward call run inside the block.
+
+        with AccessRecorder(model) as rec:
+            model(**batch)
+        trace = rec.trace()          # in memory; trace.save(path) writes it
+
+    `layers`: memory block indices to record (default all). `on_batch(RecordedBatch)` is called after
+    each call; `keep=False` keeps nothing in the recorder (for streaming to disk). Padding positions
+    (attention mask 0) are never recorded. Works under `torch.no_grad()` and with gradients (reads
+    are detached). The hooks are removed when the block exits, also when it raises."""
+
+    def __init__(
+        self,
+        model: MemoryModel,
+        layers: Sequence[int] | None = None,
+        *,
+        on_batch: Callable[[RecordedBatch], None] | None = None,
+        keep: bool = True,
+    ) -> None:
+        available = list(model.memory_layers)
+        self.layers = available if layers is None else sorted(set(int(l) for l in layers))
+        missing = [l for l in self.layers if l not in available]
+        if missing or not self.layers:
+            raise TraceError(f"layers {missing or list(layers or [])} are not memory layers; this model has memory at blocks {available}")
+        self.model = model
+        self.on_batch = on_batch
+        self.keep = keep
+        self.batches: list[RecordedBatch] = []
+        self._handles: list[RemovableHandle] = []
+        self._call: dict[str, Any] | None = None
+
+    def __enter__(self) -> AccessRecorder:
+        if self._handles:
+            raise TraceError("this AccessRecorder is already recording")
+        lm = self.model.lm
+        try:
+            self._handles.append(lm.register_forward_pre_hook(self._begin_call, with_kwargs=True))
+            self._handles.append(lm.register_forward_hook(self._end_call))
+            for block in self.layers:
+                memory = self.model.memory_layers[block]
+                self._handles.append(memory.add_access_hook(functools.partial(self._on_read, block)))
+        except BaseException:
+            self._remove_hooks()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._call = None
+
+    # ---- hooks
+
+    def _begin_call(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = self.model._lm_signature.bind_partial(*args, **kwargs).arguments
+        self._call = {"input_ids": bound.get("input_ids"), "attention_mask": bound.get("attention_mask"), "reads": {}}
+
+    def _on_read(self, block: int, _layer: torch.nn.Module, indices: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None) -> None:
+        if self._call is not None:  # reads outside an LM call (a layer run by hand) are not recorded
+            self._call["reads"][block] = (indices.detach(), weights.detach(), mask)
+
+    def _end_call(self, _module: torch.nn.Module, _args: tuple, _output: Any) -> None:
+        call, self._call = self._call, None
+        if call is None or not call["reads"]:
+            return
+        batch = self._collect(call)
+        if self.on_batch is not None:
+            self.on_batch(batch)
+        if self.keep:
+            self.batches.append(batch)
+
+    def _collect(self, call: dict[str, Any]) -> RecordedBatch:
+        """Select the real tokens on the device and bring everything to the host in one transfer."""
+        blocks = [b for b in self.layers if b in call["reads"]]
+        first, _, mask = call["reads"][blocks[0]]
+        B, T, H, K = first.shape
+        if mask is None:
+            mask = torch.ones(B, T, dtype=torch.bool, device=first.device)
+        seq, col = mask.nonzero(as_tuple=True)
+        ids = call["input_ids"]
+        token = ids[:, -T:][mask] if ids is not None and ids.dim() == 2 else torch.full_like(seq, -1)
+        full = call["attention_mask"]
+        offset = full.shape[1] - T if full is not None and full.dim() == 2 else 0
+        slots = torch.stack([call["reads"][b][0][mask] for b in blocks], 1).to(torch.int32)
+        weights = torch.stack([call["reads"][b][1][mask] for b in blocks], 1).to(torch.float16)
+        n, per_token = len(seq), len(blocks) * H * K
+        # one device→host transfer: the float16 weights travel bit-exact inside int32
+        packed = torch.cat(
+            [
+                torch.stack([seq, col + offset, token], 1).to(torch.int32),
+                slots.view(n, per_token),
+                weights.view(torch.int16).to(torch.int32).view(n, per_token),
+            ],
+            1,
+        ).cpu().numpy()
+        shape = (n, len(blocks), H, K)
+        return RecordedBatch(
+            batch_size=B,
+            seq=packed[:, 0].copy(),
+            position=packed[:, 1].copy(),
+            token_id=packed[:, 2].copy(),
+            layers=blocks,
+            slots=packed[:, 3 : 3 + per_token].reshape(shape).copy(),
+            weights=packed[:, 3 + per_token :].astype(np.int16).view(np.float16).reshape(shape),
+        )
+
+    # ---- result
+
+    def trace(self, tokenizer: Any = None) -> Trace:
+        """The recorded batches as an in-memory `Trace`: document d is the d-th sequence over all calls
+        (doc_id 'CALL:SEQ'), token text decoded one token at a time with `tokenizer` (default the
+        model's; '' without one), character offsets -1 (unknown)."""
+        if not self.batches:
+            raise TraceError("nothing was recorded: run the model inside the `with AccessRecorder(...)` block")
+        layers = self.batches[0].layers
+        if any(b.layers != layers for b in self.batches):
+            raise TraceError("the recorded calls read different memory layers (was a layer switched off?); record them separately")
+        tokenizer = tokenizer if tokenizer is not None else self.model.tokenizer
+        docs, doc_ids, calls_docs = [], [], 0
+        for i, b in enumerate(self.batches):
+            docs.append(calls_docs + b.seq)
+            doc_ids += [f"{i}:{s}" for s in b.seq]
+            calls_docs += b.batch_size
+        token_id = np.concatenate([b.token_id for b in self.batches])
+        texts = _token_texts(tokenizer, token_id)
+        unknown = np.full(len(token_id), -1, dtype=np.int32)
+        tokens = tokens_table(0, np.concatenate(docs), doc_ids, np.concatenate([b.position for b in self.batches]), token_id, texts, unknown, unknown)
+        slots = np.concatenate([b.slots for b in self.batches])
+        weights = np.concatenate([b.weights for b in self.batches])
+        meta = model_meta(self.model, layers) | {"source": {"kind": "batches", "calls": len(self.batches)}}
+        trace = Trace.from_tables(meta, tokens, accesses_table(0, layers, slots, weights))
+        trace.meta["counts"]["docs"] = calls_docs
+        return trace
+
+
+def _token_texts(tokenizer: Any, token_id: np.ndarray) -> list[str]:
+    if tokenizer is None:
+        return [""] * len(token_id)
+    unique = np.unique(token_id)
+    decoded = {int(i): ("" if i < 0 else tokenizer.decode([int(i)])) for i in unique}
+    return [decoded[int(i)] for i in token_id]
+
+
+# --------------------------------------------------------------------------- recording documents
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    text: str
+
+
+def read_documents(path: str | os.PathLike) -> tuple[list[Document], dict[str, Any]]:
+    """Documents from a JSONL file, and a description of the source (path name, kind, sha256).
+
+    - texts: one JSON object per line with a string "text" and an optional "id" (default: the
+      document's number); ids must be unique.
+    - facts (smviz.data.facts format, recognised by a "statements" field): each fact gives its
+      statements (ids 'FACT:s0', ...) and its questions written as Q/A text ('FACT:q0', ...)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise RecordInputError(f"cannot read {path}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise RecordInputError(f"{path} is not UTF-8 text (line {line}, byte {e.start}); convert it to UTF-8") from None
+    lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
+    if not lines:
+        raise RecordInputError(f"{path} holds no documents (it is empty)")
+    source = {"name": path.name, "sha256": hashlib.sha256(raw).hexdigest()}
+    first = _parse_line(path, *lines[0])
+    if "statements" in first:
+        return _fact_documents(path), source | {"kind": "facts"}
+    docs: list[Document] = []
+    seen: set[str] = set()
+    for number, line in lines:
+        obj = _parse_line(path, number, line)
+        if not isinstance(obj.get("text"), str):
+            raise RecordInputError(f"{path}:{number}: each line needs a string field 'text' (or be a fact with 'statements')")
+        doc_id = obj.get("id", str(len(docs)))
+        if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool):
+            raise RecordInputError(f"{path}:{number}: 'id' must be a string or an integer")
+        doc_id = str(doc_id)
+        if doc_id in seen:
+            raise RecordInputError(f"{path}:{number}: id {doc_id!r} appears twice; ids must be unique")
+        seen.add(doc_id)
+        docs.append(Document(doc_id, obj["text"]))
+    return docs, source | {"kind": "texts"}
+
+
+def _parse_line(path: Path, number: int, line: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RecordInputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise RecordInputError(f"{path}:{number}: expected a JSON object")
+    return obj
+
+
+def _fact_documents(path: Path) -> list[Document]:
+    from smviz.data.facts import FactError, qa_text, read_facts
+
+    try:
+        facts = read_facts(path)
+    except FactError as e:
+        raise RecordInputError(str(e)) from None
+    docs = []
+    for fact in facts:
+        docs += [Document(f"{fact.id}:s{i}", s) for i, s in enumerate(fact.statements)]
+        docs += [Document(f"{fact.id}:q{j}", qa_text(q.text, fact.answer).rstrip("\n")) for j, q in enumerate(fact.questions)]
+    return docs
+
+
+def chunk_spans(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows (start, end, first) over a document of n_tokens: the model reads tokens start..end-1
+    and tokens first..end-1 are recorded from this window. Consecutive windows start `stride` apart;
+    every token is recorded exactly once."""
+    if not 1 <= stride <= context:
+        raise TraceError(f"stride must lie in [1, context={context}], got {stride}")
+    spans, start, done = [], 0, 0
+    while done < n_tokens:
+        end = min(start + context, n_tokens)
+        spans.append((start, end, done))
+        done = end
+        start += stride
+    return spans
+
+
+def record_texts(
+    model: MemoryModel,
+    documents: Sequence[Document],
+    out: str | os.PathLike,
+    *,
+    source: dict[str, Any] | None = None,
+    tokenizer: Any = None,
+    layers: Sequence[int] | None = None,
+    context: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 16,
+    shard_tokens: int = 32_768,
+    force: bool = False,
+    progress: bool = True,
+    stop_after_shards: int | None = None,
+) -> Trace | None:
+    """Record `documents` through `model` into a trace at `out` (see module docstring); returns it.
+
+    `context` defaults to DEFAULT_CONTEXT (capped by the model), `stride` to half the context. A
+    partial recording of the same documents with the same model and settings is resumed; one of
+    anything else is discarded. `stop_after_shards` stops early (returns None), as an interruption would."""
+    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
+    if tokenizer is None:
+        raise TraceError("recording text needs a tokenizer: the model has none; pass tokenizer=")
+    if not documents:
+        raise RecordInputError("there are no documents to record")
+    limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
+    context = min(DEFAULT_CONTEXT, limit) if context is None else context
+    stride = max(1, context // 2) if stride is None else stride
+    if not 1 <= context <= limit:
+        raise TraceError(f"context must lie in [1, {limit}] (the model's maximum), got {context}")
+    if batch_size < 1 or shard_tokens < 1:
+        raise TraceError("batch_size and shard_tokens must be >= 1")
+    chunk_spans(0, context, stride)  # validates stride before anything is written
+    recorder_layers = AccessRecorder(model, layers).layers
+    meta = model_meta(model, recorder_layers) | {
+        "source": dict(source or {"kind": "documents"}) | {"documents": len(documents)},
+        "recording": {"context": context, "stride": stride, "batch_size": batch_size, "shard_tokens": shard_tokens},
+    }
+    writer = TraceWriter(out, meta, force=force)
+    next_doc = writer.state().get("next_doc", 0)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(documents), initial=next_doc, desc="record", unit="doc", disable=not progress)
+    try:
+        while next_doc < len(documents):
+            group_end, encoded = _next_group(tokenizer, documents, next_doc, shard_tokens)
+            tokens, accesses = _record_group(model, recorder_layers, documents, next_doc, encoded, writer.next_row,
+                                             context, stride, batch_size, pad, device)
+            writer.write(tokens, accesses, {"next_doc": group_end})
+            bar.update(group_end - next_doc)
+            next_doc = group_end
+            if stop_after_shards is not None and writer.n_shards >= stop_after_shards and next_doc < len(documents):
+                return None
+    finally:
+        bar.close()
+        model.train(was_training)
+    return writer.finish(len(documents))
+
+
+def _next_group(tokenizer: Any, documents: Sequence[Document], first: int, shard_tokens: int) -> tuple[int, list[dict[str, Any]]]:
+    """Tokenise documents from `first` until about shard_tokens tokens (at least one document)."""
+    encoded, total, i = [], 0, first
+    while i < len(documents) and (i == first or total < shard_tokens):
+        enc = tokenizer(documents[i].text, add_special_tokens=False, return_offsets_mapping=True)
+        encoded.append(enc)
+        total += len(enc["input_ids"])
+        i += 1
+    return i, encoded
+
+
+def _record_group(
+    model: MemoryModel, layers: list[int], documents: Sequence[Document], first: int, encoded: list[dict[str, Any]],
+    row0: int, context: int, stride: int, batch_size: int, pad: int, device: torch.device,
+) -> tuple[Any, Any]:
+    """Run the group's windows through the model and build its tokens and accesses tables."""
+    windows = [(d, s, e, f) for d, enc in enumerate(encoded) for s, e, f in chunk_spans(len(enc["input_ids"]), context, stride)]
+    kept: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # doc, position, slots, weights
+    with torch.no_grad(), AccessRecorder(model, layers) as rec:
+        for b in range(0, len(windows), batch_size):
+            batch = windows[b : b + batch_size]
+            width = max(e - s for _, s, e, _ in batch)
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, (d, s, e, _) in enumerate(batch):
+                ids[row, : e - s] = torch.tensor(encoded[d]["input_ids"][s:e])
+                mask[row, : e - s] = 1
+            model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            if not rec.batches:
+                raise TraceError("the memory layers did not run (are they switched off?); nothing to record")
+            got = rec.batches.pop()
+            starts = np.array([s for _, s, _, _ in batch])
+            firsts = np.array([f for _, _, _, f in batch])
+            docs = np.array([d for d, _, _, _ in batch])
+            pos = starts[got.seq] + got.position
+            new = pos >= firsts[got.seq]  # tokens an earlier window already recorded are dropped
+            kept.append((docs[got.seq][new], pos[new], got.slots[new], got.weights[new]))
+    if not kept:  # a group of empty documents
+        n_layers, heads, knn = len(layers), model.memory_config.heads, model.memory_config.knn
+        kept = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, n_layers, heads, knn), np.int32),
+                 np.zeros((0, n_layers, heads, knn), np.float16))]
+    doc = np.concatenate([k[0] for k in kept])
+    pos = np.concatenate([k[1] for k in kept])
+    token_id, start, end, text = [], [], [], []
+    for d, enc in enumerate(encoded):
+        ids_d, offsets, raw = enc["input_ids"], enc["offset_mapping"], documents[first + d].text
+        token_id += ids_d
+        prev = 0
+        for i, (a, z) in enumerate(offsets):
+            stop = len(raw) if i == len(offsets) - 1 else max(z, prev)  # the last token takes trailing text
+            text.append(raw[prev:stop])
+            prev = stop
+            start.append(a)
+            end.append(z)
+    # tokens arrive in (document, position) order; check it, since rows must match the texts above
+    expected_pos = np.concatenate([np.arange(len(enc["input_ids"])) for enc in encoded]) if encoded else np.zeros(0)
+    if len(pos) != len(expected_pos) or np.any(pos != expected_pos):
+        raise TraceError("internal error: recorded tokens do not cover every document position once")
+    tokens = tokens_table(
+        row0, doc + first, [documents[first + d].id for d in doc], pos, np.asarray(token_id), text,
+        np.asarray(start), np.asarray(end),
+    )
+    slots = np.concatenate([k[2] for k in kept])
+    weights = np.concatenate([k[3] for k in kept])
+    return tokens, accesses_table(row0, layers, slots, weights)
