@@ -136,38 +136,27 @@ class AccessRecorder:
             self.batches.append(batch)
 
     def _collect(self, call: dict[str, Any]) -> RecordedBatch:
-        """Select the real tokens on the device and bring everything to the host in one transfer."""
+        """Keep the call's real tokens on the device, then bring them to the host in one transfer
+        (page-locked on CUDA; the arrays are views of what arrived, no host-side copies)."""
         blocks = [b for b in self.layers if b in call["reads"]]
         first, _, mask = call["reads"][blocks[0]]
         B, T, H, K = first.shape
+        device = first.device
         if mask is None:
-            mask = torch.ones(B, T, dtype=torch.bool, device=first.device)
-        seq, col = mask.nonzero(as_tuple=True)
+            real = torch.arange(B * T, device=device)
+        else:
+            real = mask.reshape(-1).nonzero().squeeze(1)  # the one synchronisation: how many tokens are real
         ids = call["input_ids"]
-        token = ids[:, -T:][mask] if ids is not None and ids.dim() == 2 else torch.full_like(seq, -1)
+        token = ids[:, -T:].reshape(-1)[real] if ids is not None and ids.dim() == 2 else torch.full_like(real, -1)
         full = call["attention_mask"]
         offset = full.shape[1] - T if full is not None and full.dim() == 2 else 0
-        slots = torch.stack([call["reads"][b][0][mask] for b in blocks], 1).to(torch.int32)
-        weights = torch.stack([call["reads"][b][1][mask] for b in blocks], 1).to(torch.float16)
-        n, per_token = len(seq), len(blocks) * H * K
-        # one device→host transfer: the float16 weights travel bit-exact inside int32
-        packed = torch.cat(
-            [
-                torch.stack([seq, col + offset, token], 1).to(torch.int32),
-                slots.view(n, per_token),
-                weights.view(torch.int16).to(torch.int32).view(n, per_token),
-            ],
-            1,
-        ).cpu().numpy()
-        shape = (n, len(blocks), H, K)
+        rows = torch.stack([real // T, real % T + offset, token], 1).to(torch.int32)
+        slots = torch.stack([call["reads"][b][0].reshape(B * T, H, K)[real] for b in blocks], 1).to(torch.int32)
+        weights = torch.stack([call["reads"][b][1].reshape(B * T, H, K)[real] for b in blocks], 1).to(torch.float16)
+        rows_h, slots_h, weights_h = _to_host(rows, slots, weights)
         return RecordedBatch(
-            batch_size=B,
-            seq=packed[:, 0].copy(),
-            position=packed[:, 1].copy(),
-            token_id=packed[:, 2].copy(),
-            layers=blocks,
-            slots=packed[:, 3 : 3 + per_token].reshape(shape).copy(),
-            weights=packed[:, 3 + per_token :].astype(np.int16).view(np.float16).reshape(shape),
+            batch_size=B, seq=rows_h[:, 0], position=rows_h[:, 1], token_id=rows_h[:, 2], layers=blocks,
+            slots=slots_h, weights=weights_h,
         )
 
     # ---- result
@@ -197,6 +186,18 @@ class AccessRecorder:
         trace = Trace.from_tables(meta, tokens, accesses_table(0, layers, slots, weights))
         trace.meta["counts"]["docs"] = calls_docs
         return trace
+
+
+def _to_host(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """Device tensors as numpy arrays. From CUDA: asynchronous copies into page-locked memory (several
+    times faster than pageable; cached by torch's host allocator), then one wait. On the CPU: no copy."""
+    if tensors[0].device.type != "cuda":
+        return [t.cpu().numpy() for t in tensors]
+    hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+    for host, t in zip(hosts, tensors):
+        host.copy_(t, non_blocking=True)
+    torch.cuda.current_stream(tensors[0].device).synchronize()
+    return [host.numpy() for host in hosts]
 
 
 def _token_texts(tokenizer: Any, token_id: np.ndarray) -> list[str]:

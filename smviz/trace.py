@@ -320,6 +320,16 @@ class Trace:
         for shard in self.meta["shards"]:
             yield self._read("tokens", shard["name"]), self._read("accesses", shard["name"])
 
+    def iter_table(self, table: str) -> Iterator[pa.Table]:
+        """One table ("tokens" or "accesses") shard by shard, without reading the other."""
+        if table not in TABLES:
+            raise TraceError(f"table must be 'tokens' or 'accesses', got {table!r}")
+        if self._shards is not None:
+            yield from (shard[TABLES.index(table)] for shard in self._shards)
+            return
+        for shard in self.meta["shards"]:
+            yield self._read(table, shard["name"])
+
     @property
     def tokens(self) -> pa.Table:
         return self._table("tokens")
@@ -346,7 +356,7 @@ class Trace:
         """Reads per slot (int64, length n_slots) of one memory layer, streamed over the shards."""
         layer = self._layer(layer)
         counts = np.zeros(self.n_slots, dtype=np.int64)
-        for _, accesses in self.iter_shards():
+        for accesses in self.iter_table("accesses"):
             mask = pc.equal(accesses.column("layer"), layer)
             counts += np.bincount(accesses.column("slot").filter(mask).to_numpy(), minlength=self.n_slots)
         return counts
@@ -390,7 +400,7 @@ class Trace:
     def _table(self, name: str) -> pa.Table:
         if name not in self._tables:
             schema = TOKENS_SCHEMA if name == "tokens" else ACCESSES_SCHEMA
-            parts = [shard[TABLES.index(name)] for shard in self.iter_shards()]
+            parts = list(self.iter_table(name))
             self._tables[name] = pa.concat_tables(parts).combine_chunks() if parts else schema.empty_table()
         return self._tables[name]
 
@@ -426,7 +436,7 @@ class SlotIndex:
         n = trace.n_slots
         layer_pos = {layer: i for i, layer in enumerate(trace.layers)}
         keys, rows, weights, heads = [], [], [], []
-        for _, acc in trace.iter_shards():
+        for acc in trace.iter_table("accesses"):
             layer = acc.column("layer").to_numpy()
             pos = np.zeros(len(layer), dtype=np.int64)
             for l, i in layer_pos.items():  # a handful of layers, not slots
@@ -534,7 +544,7 @@ class SlotIndex:
             raise TraceError(f"document {doc!r} has {held}; [{start}, {end}) holds none of them")
         r0, r1 = lo + int(inside[0]), lo + int(inside[-1]) + 1
         token_col = self._access_tokens()
-        a, b = np.searchsorted(token_col, [r0, r1])
+        a, b = token_col.searchsorted(np.array([r0, r1], dtype=token_col.dtype))  # same dtype: no copy of the column
         df = _float_weights(self.trace.accesses.slice(int(a), int(b - a)).to_pandas()).rename(columns={"token": "row"})
         if layer is not None:
             df = df[df["layer"] == layer]
@@ -572,7 +582,7 @@ class SlotIndex:
                 "position": t.column("position").to_numpy(),
                 "doc_id": t.column("doc_id").combine_chunks() if t.num_rows else pa.array([], pa.string()),
                 "text": t.column("text").combine_chunks() if t.num_rows else pa.array([], pa.string()),
-                "doc_start": np.searchsorted(doc, np.arange(n_docs + 1)),
+                "doc_start": doc.searchsorted(np.arange(n_docs + 1, dtype=doc.dtype)),
             }
         return self._tokens
 
