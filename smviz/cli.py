@@ -79,6 +79,34 @@ def _cmd_record(args: argparse.Namespace) -> None:
           f"recorded {trace.n_docs:,} documents, {trace.n_tokens:,} tokens, {trace.n_accesses:,} accesses → {trace.path}")
 
 
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    from smviz.device import resolve_device
+    from smviz.pipeline import run_finetune
+    from smviz.train.finetune import FinetuneConfig
+    from smviz.workspace import Workspace
+
+    ws = Workspace(args.workspace)
+    config = FinetuneConfig(
+        method=args.method, top_t=args.top_t, optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size,
+        steps_per_fact=args.steps_per_fact, composition=args.composition, eval_every=args.eval_every, seed=args.seed,
+        **_parse_overrides(args.set),
+    )
+    summary = run_finetune(
+        args.model, args.out, config, facts=args.facts or ws.data / "facts-new.jsonl",
+        known=args.known or ws.data / "facts-known.jsonl", heldout=args.heldout or ws.data / "corpus-heldout.jsonl",
+        max_facts=args.max_facts, known_facts=args.known_facts, heldout_rows=args.heldout_rows,
+        device=resolve_device(args.device),
+    )
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    m = summary["metrics"]
+    print(f"{summary['method']}: {summary['facts']} facts, {summary['steps']} steps -> {args.out} (model {summary['model_hash']})")
+    print(f"  learning EM  {m['learning_em']['start']:.3f} -> {m['learning_em']['end']:.3f}")
+    print(f"  known EM     {m['known_em']['start']:.3f} -> {m['known_em']['end']:.3f} (relative drop {m['known_em']['relative_drop'] or 0:.1%})")
+    print(f"  held-out NLL {m['heldout_nll']['start']:.3f} -> {m['heldout_nll']['end']:.3f}")
+
+
 def _parse_overrides(pairs: list[str]) -> dict:
     """KEY=VALUE pairs, values parsed as JSON when they parse (numbers, true/false, lists), else strings."""
     out = {}
@@ -244,6 +272,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the usage summary")
     p.set_defaults(run=_cmd_stats)
+
+    from smviz.train.finetune import METHODS
+
+    p = sub.add_parser(
+        "finetune",
+        help="learn a stream of new facts with sparse memory finetuning, an ablation, full finetuning or LoRA",
+        description="Facts arrive one at a time: each step trains on --batch-size paraphrases of one fact, "
+        "--steps-per-fact steps per fact. Learning (held-out questions of the facts seen) and forgetting "
+        "(known facts, held-out NLL) are evaluated at the start, every --eval-every steps and at the end. "
+        "An interrupted run resumes when the same command is run again.",
+    )
+    p.add_argument("--model", required=True, help="model directory (sparse needs its slot_stats.safetensors: smviz stats)")
+    p.add_argument("--out", required=True, help="run directory, e.g. WS/runs/NAME")
+    p.add_argument("--workspace", default="workspace", help="workspace whose data/ gives the default --facts, --known, --heldout")
+    p.add_argument("--method", default="sparse", help=f"one of {', '.join(METHODS)} (default sparse)")
+    p.add_argument("--top-t", type=int, default=500, help="value rows trained per step (sparse, tf-only, random-t)")
+    p.add_argument("--optimizer", default=None, choices=["sgd", "adamw"], help="default: sgd for memory methods, adamw for full and lora")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default per method and optimizer)")
+    p.add_argument("--batch-size", type=int, default=16, help="paraphrases of the current fact per step")
+    p.add_argument("--steps-per-fact", type=int, default=1, help="steps on each fact before the next one")
+    p.add_argument("--composition", default="statements", help="statements (the paper) or statements+qa")
+    p.add_argument("--eval-every", type=int, default=10, help="steps between evaluations")
+    p.add_argument("--facts", default=None, help="the stream's facts (default WS/data/facts-new.jsonl)")
+    p.add_argument("--max-facts", type=int, default=None, help="use the first N facts of --facts")
+    p.add_argument("--known", default=None, help="known facts for forgetting (default WS/data/facts-known.jsonl)")
+    p.add_argument("--known-facts", type=int, default=100, help="how many known facts are asked")
+    p.add_argument("--heldout", default=None, help="held-out corpus for NLL (default WS/data/corpus-heldout.jsonl)")
+    p.add_argument("--heldout-rows", type=int, default=64, help="rows of 128 tokens of held-out text")
+    p.add_argument("--seed", type=int, default=0, help="seed of batch composition (and random-t)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other FinetuneConfig fields, e.g. lora_rank=16 weight_decay=0")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print summary.json")
+    p.set_defaults(run=_cmd_finetune)
 
     p = sub.add_parser(
         "demo",

@@ -26,7 +26,7 @@ import dataclasses
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,6 +169,10 @@ class ValueTable(nn.Module):
             model(**batch).loss.backward()
         with torch.no_grad():   # SGD on those rows only; every other row stays bit-identical
             table.weight.index_add_(0, trainable.rows, -lr * trainable.delta.grad)
+
+    `train_rows()` without rows lets the forward pass choose them: `choose_rows(rows)` called from an
+    access hook (which runs after the lookup, before the values are read) decides which rows the
+    rest of the pass trains — how sparse finetuning picks the top-t of a batch's own reads in one pass.
     """
 
     def __init__(self, n_slots: int, v_dim: int, *, device=None, dtype=None) -> None:
@@ -196,20 +200,30 @@ class ValueTable(nn.Module):
         return out + F.embedding_bag(pos, delta, per_sample_weights=weights * hit, mode="sum")
 
     @contextmanager
-    def train_rows(self, rows: torch.Tensor) -> Iterator[TrainableRows]:
+    def train_rows(self, rows: torch.Tensor | None = None) -> Iterator[TrainableRows]:
         """Within the block, gradient reaches only `rows` (any order, duplicates allowed) and no other
-        value row; `table.weight` itself receives none."""
+        value row; `table.weight` itself receives none. `rows` None: none until `choose_rows`."""
         if self._trainable is not None:
             raise RuntimeError("train_rows blocks cannot be nested")
-        rows = torch.as_tensor(rows, device=self.weight.device).long().unique(sorted=True)
-        if len(rows) and (rows[0] < 0 or rows[-1] >= self.n_slots):
-            raise ConfigError(f"row ids must lie in [0, {self.n_slots}), got {rows[0].item()}..{rows[-1].item()}")
-        delta = torch.zeros(len(rows), self.weight.shape[1], device=self.weight.device, dtype=self.weight.dtype)
-        self._trainable = TrainableRows(rows, delta.requires_grad_(True))
+        self._trainable = self._make_trainable([] if rows is None else rows)
         try:
             yield self._trainable
         finally:
             self._trainable = None
+
+    def choose_rows(self, rows: torch.Tensor) -> None:
+        """Inside `train_rows()`, make `rows` the trainable rows (the yielded object is updated in place)."""
+        if self._trainable is None:
+            raise RuntimeError("choose_rows needs an enclosing `with table.train_rows():` block")
+        chosen = self._make_trainable(rows)
+        self._trainable.rows, self._trainable.delta = chosen.rows, chosen.delta
+
+    def _make_trainable(self, rows: torch.Tensor | Sequence[int]) -> TrainableRows:
+        rows = torch.as_tensor(rows, device=self.weight.device).long().unique(sorted=True)
+        if len(rows) and (rows[0] < 0 or rows[-1] >= self.n_slots):
+            raise ConfigError(f"row ids must lie in [0, {self.n_slots}), got {rows[0].item()}..{rows[-1].item()}")
+        delta = torch.zeros(len(rows), self.weight.shape[1], device=self.weight.device, dtype=self.weight.dtype)
+        return TrainableRows(rows, delta.requires_grad_(True))
 
 
 class ProductKeyMemory(nn.Module):

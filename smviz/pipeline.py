@@ -162,3 +162,64 @@ def evaluate_workspace_model(ws: Workspace, model: MemoryModel, *, usage_tokens:
     if len(usage_rows) * seq_len < usage_tokens - seq_len:
         log.warning("held-out corpus has only %d tokens; usage counted over all of them", len(usage_rows) * seq_len)
     return evaluate_model(model, facts=data.facts(), heldout_rows=rows, usage_rows=usage_rows)
+
+
+# --------------------------------------------------------------------------- finetuning
+
+
+def run_finetune(
+    model_dir: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    config: Any,
+    *,
+    facts: str | os.PathLike,
+    known: str | os.PathLike,
+    heldout: str | os.PathLike,
+    max_facts: int | None = None,
+    known_facts: int = 100,
+    heldout_rows: int = 64,
+    seq_len: int = 128,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict[str, Any] | None:
+    """Finetune the model in `model_dir` on the stream in `facts` (its first `max_facts` facts) into
+    `run_dir`, evaluating on the first `known_facts` facts of `known` and `heldout_rows` rows of
+    `seq_len` tokens of the corpus file `heldout`. Every input is read and checked before anything is
+    written."""
+    import hashlib
+
+    from smviz.data.facts import read_facts
+    from smviz.stats import STATS_FILE, SlotStats
+    from smviz.train.finetune import EvalSets, finetune
+    from smviz.train.stream import FactStream
+
+    config = config.resolved()
+    for name, value in (("max_facts", max_facts), ("known_facts", known_facts), ("heldout_rows", heldout_rows), ("seq_len", seq_len)):
+        if value is not None and value < 1:
+            raise SmvizError(f"{name} must be >= 1, got {value}")
+    stream_facts = read_facts(facts)[:max_facts]
+    if not stream_facts:
+        raise SmvizError(f"{facts} holds no facts; the stream needs at least one")
+    known_list = read_facts(known)[:known_facts]
+    if not known_list:
+        raise SmvizError(f"{known} holds no facts; forgetting is measured on known facts")
+    articles = read_corpus(heldout)
+    model = MemoryModel.from_pretrained(model_dir, device=device)
+    if model.tokenizer is None:
+        raise SmvizError(f"{model_dir} holds no tokenizer")
+    stats = None
+    if config.sparse and (Path(model_dir) / STATS_FILE).is_file():
+        stats = SlotStats.load_for_model(model_dir, model)
+    rows = pack_documents(model.tokenizer, [a.text for a in articles], seq_len)[:heldout_rows]
+    if len(rows) == 0:
+        raise SmvizError(f"{heldout} holds too little text for one row of {seq_len} tokens")
+
+    def source(path: str | os.PathLike) -> dict[str, str]:
+        return {"path": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+
+    sets = EvalSets(stream_facts, known_list, rows,
+                    sources={"facts": source(facts), "known": source(known), "heldout": source(heldout)})
+    stream = FactStream(stream_facts, model.tokenizer, config.batch_size, config.steps_per_fact, config.composition, config.seed)
+    return finetune(model, stream, config=config, run_dir=run_dir, eval_sets=sets, stats=stats, progress=progress,
+                    stop_after=stop_after)

@@ -127,16 +127,19 @@ def read_facts(path: str | os.PathLike) -> list[Fact]:
     if not path.is_file():
         raise FactFileError(f"facts file {path} does not exist")
     facts, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                fact = Fact.from_dict(json.loads(line))
-            except (json.JSONDecodeError, FactError) as e:
-                raise FactFileError(f"{path}, line {number}: {e}") from None
-            if fact.id in seen:
-                raise FactFileError(f"{path}, line {number}: duplicate fact id {fact.id!r}")
-            seen.add(fact.id)
-            facts.append(fact)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise FactFileError(f"facts file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            fact = Fact.from_dict(json.loads(line))
+        except (json.JSONDecodeError, FactError) as e:
+            raise FactFileError(f"{path}, line {number}: {e}") from None
+        if fact.id in seen:
+            raise FactFileError(f"{path}, line {number}: duplicate fact id {fact.id!r}")
+        seen.add(fact.id)
+        facts.append(fact)
     return facts

@@ -33,10 +33,16 @@ import torch
 from tqdm.auto import tqdm
 
 from smviz.errors import ConfigError, SmvizError
+from smviz.evaluate import memory_usage
 from smviz.io import replace_dir, write_text_atomic
 from smviz.model import MemoryModel, preset
-from smviz.evaluate import memory_usage
 from smviz.train.data import PretrainStream
+from smviz.train.state import (
+    append_metrics,
+    flatten_optimizer,
+    load_optimizer,
+    truncate_metrics,
+)
 from smviz.usage import UsageMonitor
 
 log = logging.getLogger(__name__)
@@ -177,9 +183,9 @@ def pretrain(
         model = MemoryModel.from_pretrained(checkpoint / "model", device=device)
         optimizer = _make_optimizer(model, config)
         trainer = json.loads((checkpoint / "trainer.json").read_text())
-        _load_optimizer(optimizer, checkpoint / "optimizer.safetensors", trainer["optimizer"], device)
+        load_optimizer(optimizer, checkpoint / "optimizer.safetensors", trainer["optimizer"], device)
         start = trainer["step"]
-        _truncate_metrics(metrics_path, start)
+        truncate_metrics(metrics_path, start)
         log.info("resuming %s at step %d", run_dir, start)
     else:
         model = build_model(config, tokenizer).to(device)
@@ -215,7 +221,7 @@ def pretrain(
                 usage = {str(i): round(m["used_share"], 4) for i, m in train_usage.metrics().items()}
                 record = {"step": done, "loss": out.loss.item(), "lr": optimizer.param_groups[0]["lr"],
                           "tokens_per_s": window_tokens / elapsed, "train_usage": usage, "dense_phase": dense_phase}
-                _append_metrics(metrics_path, record)
+                append_metrics(metrics_path, record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                 usage="/".join(f"{u:.1%}" for u in usage.values()), refresh=False)
                 train_usage.reset()
@@ -223,7 +229,7 @@ def pretrain(
 
             if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
                 record = {"step": done, "eval": _periodic_eval(model, evaluate, usage_rows)}
-                _append_metrics(metrics_path, record)
+                append_metrics(metrics_path, record)
                 log.info("step %d: %s", done, record["eval"])
                 model.train()
             if done % config.checkpoint_every == 0 or done == end:
@@ -266,43 +272,7 @@ def _save_checkpoint(checkpoint: Path, model: MemoryModel, optimizer: torch.opti
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp / "model")
-    tensors, layout = _flatten_optimizer(optimizer)
+    tensors, layout = flatten_optimizer(optimizer)
     safetensors.torch.save_file(tensors, tmp / "optimizer.safetensors")
     (tmp / "trainer.json").write_text(json.dumps({"step": step, "optimizer": layout}) + "\n")
     replace_dir(tmp, checkpoint)
-
-
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimizer state as safetensors tensors plus a JSON layout (no pickling anywhere)."""
-    state = optimizer.state_dict()
-    tensors = {}
-    for index, param_state in state["state"].items():
-        for key, value in param_state.items():
-            tensors[f"{index}.{key}"] = value.detach().cpu().contiguous() if torch.is_tensor(value) else torch.tensor(value)
-    groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
-    return tensors, {"param_groups": groups}
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path, layout: dict[str, Any], device: torch.device) -> None:
-    flat = safetensors.torch.load_file(path)
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for name, tensor in flat.items():
-        index, key = name.split(".", 1)
-        # AdamW keeps `step` on the CPU unless capturable; moments live with their parameters
-        state.setdefault(int(index), {})[key] = tensor if key == "step" else tensor.to(device)
-    optimizer.load_state_dict({"state": state, "param_groups": layout["param_groups"]})
-
-
-def _append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    write_text_atomic(path, "".join(line + "\n" for line in kept))
-
-
