@@ -86,11 +86,10 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     from smviz.workspace import Workspace
 
     ws = Workspace(args.workspace)
-    config = FinetuneConfig(
+    config = FinetuneConfig.from_dict(dict(
         method=args.method, top_t=args.top_t, optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size,
         steps_per_fact=args.steps_per_fact, composition=args.composition, eval_every=args.eval_every, seed=args.seed,
-        **_parse_overrides(args.set),
-    )
+    ) | _parse_overrides(args.set))
     summary = run_finetune(
         args.model, args.out, config, facts=args.facts or ws.data / "facts-new.jsonl",
         known=args.known or ws.data / "facts-known.jsonl", heldout=args.heldout or ws.data / "corpus-heldout.jsonl",

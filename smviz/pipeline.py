@@ -216,7 +216,8 @@ def run_finetune(
         raise SmvizError(f"{heldout} holds too little text for one row of {seq_len} tokens")
 
     def source(path: str | os.PathLike) -> dict[str, str]:
-        return {"path": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
+        # name and content, not the path: the same command from another directory is the same run
+        return {"name": Path(path).name, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest()}
 
     sets = EvalSets(stream_facts, known_list, rows,
                     sources={"facts": source(facts), "known": source(known), "heldout": source(heldout)})

@@ -35,11 +35,11 @@ from smviz.stats.slot_stats import (
     format_usage,
     merge_protocols,
 )
-from smviz.stats.tfidf import tfidf, top_slots
+from smviz.stats.tfidf import idf, tfidf, top_slots
 
 __all__ = [
     "BACKGROUND_STEP_OFFSET", "DEFAULT_BACKGROUND_BATCHES", "FORMAT", "PARTIAL_FORMAT", "STATS_FILE", "UNITS",
     "SlotStats", "SlotStatsError", "StatsCollector", "background_stats", "batch_counts", "collect_stats",
-    "distributed_from_env", "document_counts", "format_usage", "forward_documents", "merge_protocols",
+    "distributed_from_env", "document_counts", "idf", "format_usage", "forward_documents", "merge_protocols",
     "partial_path", "tfidf", "top_slots",
 ]

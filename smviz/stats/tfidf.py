@@ -17,15 +17,19 @@ from smviz.stats.slot_stats import SlotStats, SlotStatsError
 # --------------------------------------------------------------------------- TF-IDF
 
 
+def idf(df: torch.Tensor, n_docs: int, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The paper's inverse document frequency log((|B| + 1) / (df(i) + 1)), |B| = n_docs."""
+    return torch.log((n_docs + 1) / (df.to(dtype) + 1))
+
+
 def tfidf(counts: torch.Tensor, df: torch.Tensor, n_docs: int, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The paper's score per slot: TF-IDF(i) = c(i) / Σ_j c(j) · log((|B| + 1) / (df(i) + 1)), with c the
     current batch's counts, df the background document frequency and |B| = n_docs. On counts' device;
     all zeros when the batch read nothing."""
     c = counts.to(dtype)
     total = c.sum()
-    tf = c / total if bool(total > 0) else torch.zeros_like(c)
-    idf = torch.log((n_docs + 1) / (df.to(device=c.device, dtype=dtype) + 1))
-    return tf * idf
+    tf = torch.where(total > 0, c / total, torch.zeros_like(c))  # no host synchronisation
+    return tf * idf(df.to(c.device), n_docs, dtype=dtype)
 
 
 def top_slots(counts: torch.Tensor, stats: SlotStats, layer: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:

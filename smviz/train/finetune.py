@@ -6,7 +6,7 @@ Run directory:
     config.json      the effective FinetuneConfig, base model hash, background-statistics protocol,
                      and the stream, known-fact and held-out sources (with sha256)
     metrics.jsonl    one line per evaluation (step 0 = before training, every eval_every steps, the end)
-    steps.parquet    per step and memory layer: fact, loss, distinct slots read, the selected slots
+    steps.parquet    per step and memory layer: fact, loss, distinct slots read, gradient norm, the selected slots
                      with their TF, DF and ranking score (empty lists for full / LoRA)
     deltas/          sparse methods: step-NNNNNN.safetensors = the selected rows' values after that
                      step, so the memory at any step is the base model plus deltas 1..s
@@ -86,6 +86,8 @@ class FinetuneConfig:
     seed: int = field(default=0, metadata={"help": "seed of batch composition and random-t selection"})
 
     def __post_init__(self) -> None:
+        if isinstance(self.lora_targets, str):  # "q_proj,v_proj" from the command line
+            self.lora_targets = tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
         self.lora_targets = tuple(self.lora_targets)
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
@@ -248,7 +250,7 @@ def finetune(
     start = trainer.restore(run_dir)
     steps_rows = _read_steps(run_dir, start)
     metrics_path = run_dir / "metrics.jsonl"
-    truncate_metrics(metrics_path, start)
+    truncate_metrics(metrics_path, start if start else -1)  # starting over: step 0 is evaluated again below
     if start == 0:
         record = {"step": 0, **evaluate_point(model, eval_sets, 0)}
         append_metrics(metrics_path, record)
@@ -259,9 +261,9 @@ def finetune(
     try:
         for step in range(start, n_steps):
             batch = {k: v.to(device) for k, v in stream.batch(step).items()}
-            loss, selections = trainer.step(batch, step)
+            loss, selections, grad_norms = trainer.step(batch, step)
             fact = stream.fact(step)
-            steps_rows += _step_rows(step + 1, fact.id, stream.fact_index(step), loss, selections)
+            steps_rows += _step_rows(step + 1, fact.id, stream.fact_index(step), loss, selections, grad_norms)
             if config.sparse:
                 trainer.write_delta(run_dir / "deltas", step + 1, selections)
             bar.set_postfix(loss=f"{loss:.3f}", selected=sum(len(s.rows) for s in selections.values()))
@@ -332,16 +334,18 @@ def _read_json(path: Path) -> Any:
 
 STEP_SCHEMA = pa.schema([
     ("step", pa.int32()), ("fact_id", pa.string()), ("fact_index", pa.int32()), ("loss", pa.float32()),
-    ("layer", pa.int16()), ("accessed", pa.int32()), ("selected", pa.list_(pa.int32())),
+    ("layer", pa.int16()), ("accessed", pa.int32()), ("grad_norm", pa.float32()), ("selected", pa.list_(pa.int32())),
     ("tf", pa.list_(pa.float32())), ("df", pa.list_(pa.int32())), ("score", pa.list_(pa.float32())),
 ])
 
 
-def _step_rows(step: int, fact_id: str, fact_index: int, loss: float, selections: dict[int, Selection]) -> list[dict[str, Any]]:
+def _step_rows(step: int, fact_id: str, fact_index: int, loss: float, selections: dict[int, Selection],
+               grad_norms: dict[int, float]) -> list[dict[str, Any]]:
     rows = []
     for layer, s in selections.items():
         rows.append({
             "step": step, "fact_id": fact_id, "fact_index": fact_index, "loss": loss, "layer": layer, "accessed": s.accessed,
+            "grad_norm": grad_norms[layer],
             "selected": s.rows.cpu().numpy().astype(np.int32), "tf": s.tf.cpu().numpy().astype(np.float32),
             "df": s.df.cpu().numpy().astype(np.int32), "score": s.score.cpu().numpy().astype(np.float32),
         })
@@ -394,7 +398,9 @@ class _Trainer:
             if not targets:
                 raise ConfigError(f"none of the LoRA targets {list(config.lora_targets)} is a linear layer of this model")
             lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, target_modules=targets, lora_dropout=0.0, bias="none")
-            self.peft_model = get_peft_model(model.lm, lora)  # adapters are injected into model.lm in place
+            with torch.random.fork_rng(devices=[]):  # adapter initialisation is part of the run: seeded
+                torch.manual_seed(config.seed)
+                self.peft_model = get_peft_model(model.lm, lora)  # adapters are injected into model.lm in place
         params = [p for p in model.parameters() if p.requires_grad or config.method == "full"]
         for p in params:
             p.requires_grad_(True)
@@ -406,8 +412,10 @@ class _Trainer:
             self.optimizer = torch.optim.AdamW(groups, lr=config.lr)
         self.trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
-    def step(self, batch: dict[str, torch.Tensor], step: int) -> tuple[float, dict[int, Selection]]:
-        """One update on `batch`; returns the loss and, per memory layer, what was read / selected."""
+    def step(self, batch: dict[str, torch.Tensor], step: int) -> tuple[float, dict[int, Selection], dict[int, float]]:
+        """One update on `batch`; returns the loss and, per memory layer, what was read / selected and
+        the gradient norm of what trained (sparse: that layer's selected rows; full / LoRA: all
+        trainable parameters)."""
         selections: dict[int, Selection] = {}
         n_slots = self.model.memory_config.n_slots
         with ExitStack() as stack:
@@ -430,15 +438,20 @@ class _Trainer:
                 stack.callback(layer.add_access_hook(read).remove)
             loss = self.model(**batch).loss
             loss.backward()
+            grad_norms: dict[int, float] = {}
             if self.config.sparse:
                 for block, layer in self.model.memory_layers.items():
                     t = trainables[block]
+                    grad_norms[block] = torch.linalg.vector_norm(t.delta.grad).item() if len(t.rows) else 0.0
                     if len(t.rows):
                         self.row_optimizers[block].step(layer.value_table.weight, t.rows, t.delta.grad)
         if not self.config.sparse:
+            grads = [p.grad for p in self.trainable.values() if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item() if grads else 0.0
+            grad_norms = dict.fromkeys(selections, norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return loss.item(), selections
+        return loss.item(), selections, grad_norms
 
     # ---- on disk
 
@@ -521,7 +534,7 @@ class _Trainer:
 
     def optimizer_state_elements(self) -> int:
         if self.config.sparse:
-            return sum(t.numel() for o in self.row_optimizers.values() for t in o.state_dict().values())
+            return sum(o.state_elements() if isinstance(o, RowAdamW) else 0 for o in self.row_optimizers.values())
         return sum(t.numel() for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t))
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from smviz.errors import ConfigError
-from smviz.stats import SlotStats, tfidf
+from smviz.stats import SlotStats, idf
 
 SELECTIONS = ("sparse", "tf-only", "memory-all", "random-t")
 
@@ -50,27 +50,39 @@ class RowSelector:
             raise ConfigError("TF-IDF selection needs the model's background slot statistics")
         self.method, self.top_t, self.n_slots, self.seed = method, top_t, n_slots, seed
         self.stats = stats
-        # background document frequency per layer, moved to the device once
+        # background document frequency and IDF per layer, on the device once (they never change in a run)
         self._df = {} if stats is None else {layer: stats.df[stats.layer_index(layer)].to(device) for layer in stats.layers}
+        self._idf = {} if stats is None else {layer: idf(df, stats.n_docs) for layer, df in self._df.items()}
 
     def select(self, layer: int, counts: torch.Tensor, step: int) -> Selection:
-        """The rows layer `layer` trains, from the batch's per-slot counts (length N, on the device)."""
+        """The rows layer `layer` trains, from the batch's per-slot counts (length N, on the device).
+        Only the read slots are scored: TF-IDF(i) = tf(i) · idf(i), as `smviz.stats.tfidf`."""
         read = torch.nonzero(counts).flatten()  # ascending ids
         c = counts[read]
         tf = c.double() / c.sum().clamp(min=1)
         df = self._df[layer][read] if layer in self._df else torch.full_like(read, -1)
-        if self.method == "sparse":
-            score = tfidf(counts, self._df[layer], self.stats.n_docs)[read]
-        else:
-            score = tf
+        score = tf * self._idf[layer][read] if self.method == "sparse" else tf
         if self.method == "memory-all":
-            order = torch.sort(score, descending=True, stable=True).indices
+            order = _rank(score, len(score))
         elif self.method == "random-t":
             g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + step)
             order = torch.randperm(len(read), generator=g)[: self.top_t].to(read.device)
-        else:  # stable sort over ascending ids: equal scores keep the lower id first
-            order = torch.sort(score, descending=True, stable=True).indices[: self.top_t]
+        else:
+            order = _rank(score, self.top_t)
         return Selection(read[order], tf[order], df[order], score[order], accessed=len(read))
+
+
+def _rank(score: torch.Tensor, t: int) -> torch.Tensor:
+    """Positions of the t highest scores, best first, equal scores in position order (the read slots
+    come in ascending id, so ties go to the lower id). Only candidates at or above the t-th score are
+    sorted, not every read slot."""
+    if t < len(score):
+        threshold = torch.topk(score, t, sorted=False).values.min()
+        candidates = torch.nonzero(score >= threshold).flatten()
+    else:
+        candidates = torch.arange(len(score), device=score.device)
+    order = torch.sort(score[candidates], descending=True, stable=True).indices[:t]
+    return candidates[order]
 
 
 class RowSGD:
@@ -104,28 +116,44 @@ class RowAdamW:
                  eps: float = 1e-8, weight_decay: float = 0.0, device: torch.device | str = "cpu") -> None:
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         self.slot_state = torch.full((n_slots,), -1, dtype=torch.long, device=device)
-        self.slots = torch.zeros(0, dtype=torch.long, device=device)  # state row j belongs to slot slots[j]
-        self.exp_avg = torch.zeros(0, v_dim, device=device)
-        self.exp_avg_sq = torch.zeros(0, v_dim, device=device)
-        self.steps = torch.zeros(0, dtype=torch.long, device=device)
+        self.used = 0  # state rows in use; the buffers below grow by doubling
+        self._slots = torch.zeros(0, dtype=torch.long, device=device)  # state row j belongs to slot _slots[j]
+        self._exp_avg = torch.zeros(0, v_dim, device=device)
+        self._exp_avg_sq = torch.zeros(0, v_dim, device=device)
+        self._steps = torch.zeros(0, dtype=torch.long, device=device)
+
+    def _reserve(self, rows: int) -> None:
+        if rows <= len(self._slots):
+            return
+        size = max(rows, 2 * len(self._slots), 1024)
+        device, v_dim = self._slots.device, self._exp_avg.shape[1]
+
+        def grown(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+            out = torch.zeros(shape, dtype=t.dtype, device=device)
+            out[: self.used] = t[: self.used]
+            return out
+
+        self._slots = grown(self._slots, (size,))
+        self._exp_avg = grown(self._exp_avg, (size, v_dim))
+        self._exp_avg_sq = grown(self._exp_avg_sq, (size, v_dim))
+        self._steps = grown(self._steps, (size,))
 
     @torch.no_grad()
     def step(self, weight: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor) -> None:
         fresh = rows[self.slot_state[rows] < 0]
         if len(fresh):
-            self.slot_state[fresh] = torch.arange(len(self.slots), len(self.slots) + len(fresh), device=rows.device)
-            self.slots = torch.cat([self.slots, fresh])
-            zeros = torch.zeros(len(fresh), self.exp_avg.shape[1], device=rows.device, dtype=self.exp_avg.dtype)
-            self.exp_avg = torch.cat([self.exp_avg, zeros])
-            self.exp_avg_sq = torch.cat([self.exp_avg_sq, zeros])
-            self.steps = torch.cat([self.steps, torch.zeros(len(fresh), dtype=torch.long, device=rows.device)])
+            self._reserve(self.used + len(fresh))
+            new = torch.arange(self.used, self.used + len(fresh), device=rows.device)
+            self.slot_state[fresh] = new
+            self._slots[new] = fresh
+            self.used += len(fresh)
         j = self.slot_state[rows]
         b1, b2 = self.betas
-        g = grad.to(self.exp_avg.dtype)
-        m = self.exp_avg[j].mul_(b1).add_(g, alpha=1 - b1)
-        v = self.exp_avg_sq[j].mul_(b2).addcmul_(g, g, value=1 - b2)
-        s = self.steps[j] + 1
-        self.exp_avg[j], self.exp_avg_sq[j], self.steps[j] = m, v, s
+        g = grad.to(self._exp_avg.dtype)
+        m = self._exp_avg[j].mul_(b1).add_(g, alpha=1 - b1)
+        v = self._exp_avg_sq[j].mul_(b2).addcmul_(g, g, value=1 - b2)
+        s = self._steps[j] + 1
+        self._exp_avg[j], self._exp_avg_sq[j], self._steps[j] = m, v, s
         bias1 = 1 - b1 ** s.double()
         bias2 = 1 - b2 ** s.double()
         update = (m / bias1[:, None].to(m.dtype)) / ((v / bias2[:, None].to(v.dtype)).sqrt() + self.eps)
@@ -133,14 +161,22 @@ class RowAdamW:
         w = w * (1 - self.lr * self.weight_decay) - self.lr * update
         weight[rows] = w.to(weight.dtype)
 
+    def state_elements(self) -> int:
+        """Numbers held: the slot map (N) and, per row ever chosen, its moments (2 · v_dim) and step."""
+        return self.slot_state.numel() + self.used * (2 * self._exp_avg.shape[1] + 2)
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"slots": self.slots.cpu(), "exp_avg": self.exp_avg.cpu(), "exp_avg_sq": self.exp_avg_sq.cpu(), "steps": self.steps.cpu()}
+        n = self.used
+        return {"slots": self._slots[:n].cpu(), "exp_avg": self._exp_avg[:n].cpu(), "exp_avg_sq": self._exp_avg_sq[:n].cpu(),
+                "steps": self._steps[:n].cpu()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         device = self.slot_state.device
-        self.slots = state["slots"].to(device)
-        self.exp_avg = state["exp_avg"].to(device)
-        self.exp_avg_sq = state["exp_avg_sq"].to(device)
-        self.steps = state["steps"].to(device)
+        self.used = 0
+        self._slots = state["slots"].to(device)
+        self._exp_avg = state["exp_avg"].to(device)
+        self._exp_avg_sq = state["exp_avg_sq"].to(device)
+        self._steps = state["steps"].to(device)
+        self.used = len(self._slots)
         self.slot_state.fill_(-1)
-        self.slot_state[self.slots] = torch.arange(len(self.slots), device=device)
+        self.slot_state[self._slots] = torch.arange(self.used, device=device)
