@@ -86,10 +86,10 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     from smviz.workspace import Workspace
 
     ws = Workspace(args.workspace)
-    config = FinetuneConfig.from_dict(dict(
-        method=args.method, top_t=args.top_t, optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size,
-        steps_per_fact=args.steps_per_fact, composition=args.composition, eval_every=args.eval_every, seed=args.seed,
-    ) | _parse_overrides(args.set))
+    given = dict(method=args.method, top_t=args.top_t, optimizer=args.optimizer, lr=args.lr, batch_size=args.batch_size,
+                 steps_per_fact=args.steps_per_fact, composition=args.composition, eval_every=args.eval_every, seed=args.seed)
+    # flags left out take FinetuneConfig's defaults (the one place they are defined)
+    config = FinetuneConfig.from_dict({k: v for k, v in given.items() if v is not None} | _parse_overrides(args.set))
     summary = run_finetune(
         args.model, args.out, config, facts=args.facts or ws.data / "facts-new.jsonl",
         known=args.known or ws.data / "facts-known.jsonl", heldout=args.heldout or ws.data / "corpus-heldout.jsonl",
@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the usage summary")
     p.set_defaults(run=_cmd_stats)
 
-    from smviz.train.finetune import METHODS
+    from smviz.train.finetune import METHODS, FinetuneConfig
 
     p = sub.add_parser(
         "finetune",
@@ -285,21 +285,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model directory (sparse needs its slot_stats.safetensors: smviz stats)")
     p.add_argument("--out", required=True, help="run directory, e.g. WS/runs/NAME")
     p.add_argument("--workspace", default="workspace", help="workspace whose data/ gives the default --facts, --known, --heldout")
-    p.add_argument("--method", default="sparse", help=f"one of {', '.join(METHODS)} (default sparse)")
-    p.add_argument("--top-t", type=int, default=500, help="value rows trained per step (sparse, tf-only, random-t)")
+    d = FinetuneConfig()
+    p.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (default {d.method})")
+    p.add_argument("--top-t", type=int, default=None, help=f"value rows trained per step (sparse, tf-only, random-t; default {d.top_t})")
     p.add_argument("--optimizer", default=None, choices=["sgd", "adamw"], help="default: sgd for memory methods, adamw for full and lora")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default per method and optimizer)")
-    p.add_argument("--batch-size", type=int, default=16, help="paraphrases of the current fact per step")
-    p.add_argument("--steps-per-fact", type=int, default=1, help="steps on each fact before the next one")
-    p.add_argument("--composition", default="statements", help="statements (the paper) or statements+qa")
-    p.add_argument("--eval-every", type=int, default=10, help="steps between evaluations")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default per method and optimizer: smviz.train.finetune.DEFAULT_LR)")
+    p.add_argument("--batch-size", type=int, default=None, help=f"paraphrases of the current fact per step (default {d.batch_size})")
+    p.add_argument("--steps-per-fact", type=int, default=None, help=f"steps on each fact before the next one (default {d.steps_per_fact})")
+    p.add_argument("--composition", default=None, help=f"statements (the paper) or statements+qa (default {d.composition})")
+    p.add_argument("--eval-every", type=int, default=None, help=f"steps between evaluations (default {d.eval_every})")
     p.add_argument("--facts", default=None, help="the stream's facts (default WS/data/facts-new.jsonl)")
     p.add_argument("--max-facts", type=int, default=None, help="use the first N facts of --facts")
     p.add_argument("--known", default=None, help="known facts for forgetting (default WS/data/facts-known.jsonl)")
     p.add_argument("--known-facts", type=int, default=100, help="how many known facts are asked")
     p.add_argument("--heldout", default=None, help="held-out corpus for NLL (default WS/data/corpus-heldout.jsonl)")
     p.add_argument("--heldout-rows", type=int, default=64, help="rows of 128 tokens of held-out text")
-    p.add_argument("--seed", type=int, default=0, help="seed of batch composition (and random-t)")
+    p.add_argument("--seed", type=int, default=None, help="seed of batch composition, LoRA initialisation and random-t (default 0)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="other FinetuneConfig fields, e.g. lora_rank=16 weight_decay=0")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print summary.json")

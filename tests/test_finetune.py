@@ -32,6 +32,7 @@ from smviz.pipeline import CORPUS_FILES, build_data, load_data
 from smviz.record import AccessRecorder
 from smviz.stats import STATS_FILE, SlotStats, collect_stats, top_slots
 from smviz.train.finetune import (
+    DEFAULT_LR,
     LORA_TARGETS,
     STEP_SCHEMA,
     EvalSets,
@@ -428,7 +429,7 @@ def test_lora_trains_only_adapter_weights(ws, world, device):
 
 def test_sparse_run_directory_is_complete(ws, world, tmp_path, device):
     t = 8
-    config = FinetuneConfig(method="sparse", top_t=t, batch_size=4, eval_every=2).resolved()
+    config = FinetuneConfig(method="sparse", top_t=t, batch_size=4, steps_per_fact=1, eval_every=2).resolved()
     run_dir = tmp_path / "run"
     summary = run(ws, run_dir, config, device=device)
     facts = world.new[:5]
@@ -437,7 +438,7 @@ def test_sparse_run_directory_is_complete(ws, world, tmp_path, device):
 
     identity = json.loads((run_dir / "config.json").read_text())
     assert identity["format"] == "smviz-finetune/1" and identity["config"] == config.to_dict()
-    assert (identity["config"]["optimizer"], identity["config"]["lr"], identity["config"]["weight_decay"]) == ("sgd", 2.0, 0.0)
+    assert (identity["config"]["optimizer"], identity["config"]["lr"], identity["config"]["weight_decay"]) == ("sgd", DEFAULT_LR[("sgd", "memory")], 0.0)
     assert identity["base_model_hash"] == base.model_hash == identity["stats"]["model_hash"]
     assert identity["stream"]["facts"] == [f.id for f in facts]
 
@@ -456,7 +457,7 @@ def test_sparse_run_directory_is_complete(ws, world, tmp_path, device):
         if "grad_norm" in r:
             assert r["grad_norm"] > 0
     # step 1 selected the top-t by TF-IDF of what the base model read for batch 0 (real tokens only)
-    stream = FactStream(facts, base.tokenizer, batch_size=4)
+    stream = FactStream(facts, base.tokenizer, batch_size=4, composition=config.composition)
     counts = recorded_counts(load(ws, device)[0], to(stream.batch(0), device))  # on the run's device
     for r in rows[:2]:
         c = counts[r["layer"]]
@@ -518,10 +519,10 @@ def assert_same_run(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize("config", [
-    FinetuneConfig(method="sparse", top_t=8, batch_size=4, eval_every=2),
-    FinetuneConfig(method="sparse", optimizer="adamw", top_t=8, batch_size=4, eval_every=2),
-    FinetuneConfig(method="full", batch_size=4, eval_every=2),
-    FinetuneConfig(method="lora", lora_rank=2, batch_size=4, eval_every=2),
+    FinetuneConfig(method="sparse", top_t=8, batch_size=4, steps_per_fact=1, eval_every=2),
+    FinetuneConfig(method="sparse", optimizer="adamw", top_t=8, batch_size=4, steps_per_fact=1, eval_every=2),
+    FinetuneConfig(method="full", batch_size=4, steps_per_fact=1, eval_every=2),
+    FinetuneConfig(method="lora", lora_rank=2, batch_size=4, steps_per_fact=1, eval_every=2),
 ], ids=["sparse-sgd", "sparse-adamw", "full-adamw", "lora"])
 def test_resumed_run_equals_uninterrupted_run(ws, tmp_path, config, device):
     whole = run(ws, tmp_path / "whole", config, device=device)
@@ -546,12 +547,12 @@ def test_resumed_run_equals_uninterrupted_run(ws, tmp_path, config, device):
 
 
 def test_other_run_in_the_run_directory_is_refused(ws, tmp_path):
-    config = FinetuneConfig(method="tf-only", top_t=8, batch_size=4, eval_every=2)
+    config = FinetuneConfig(method="tf-only", top_t=8, batch_size=4, steps_per_fact=1, eval_every=2)
     out = tmp_path / "run"
     assert run(ws, out, config, n_facts=2) is not None
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(SmvizError, match="holds another run"):
-        run(ws, out, FinetuneConfig(method="tf-only", top_t=9, batch_size=4, eval_every=2), n_facts=2)
+        run(ws, out, FinetuneConfig(method="tf-only", top_t=9, batch_size=4, steps_per_fact=1, eval_every=2), n_facts=2)
     with pytest.raises(SmvizError, match="holds another run"):
         run(ws, out, config, n_facts=3)  # another stream
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
@@ -569,7 +570,7 @@ def test_other_run_in_the_run_directory_is_refused(ws, tmp_path):
 def cli_args(ws, out: Path, *extra: str, model: str = "m") -> list[str]:
     return ["finetune", "--model", str(ws.model(model)), "--out", str(out), "--workspace", str(ws.root),
             "--known-facts", "4", "--heldout-rows", "2", "--max-facts", "3", "--batch-size", "4", "--top-t", "8",
-            "--eval-every", "2", "--device", "cpu", *extra]
+            "--eval-every", "2", "--steps-per-fact", "1", "--device", "cpu", *extra]
 
 
 def test_cli_runs_and_refuses_another_config_in_its_run_dir(ws, tmp_path, capsys):
