@@ -29,6 +29,7 @@ demo: install
 bench: install
 	$(VPY) benchmarks/bench_memory.py
 	$(OFFLINE) $(VPY) benchmarks/bench_record.py
+	$(OFFLINE) $(VPY) benchmarks/bench_finetune.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

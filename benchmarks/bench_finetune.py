@@ -440,7 +440,7 @@ def state_bytes(trainer: _Trainer) -> dict:
         tensors = [t for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
         book, rows = [], None
     nbytes = sum(t.numel() * t.element_size() for t in tensors)
-    assert sum(t.numel() for t in tensors) == elements
+    assert sum(t.numel() for t in tensors) + sum(t.numel() for t in book) == elements  # the slot map counts too
     return {"elements": elements, "bytes": nbytes, "bookkeeping_bytes": sum(t.numel() * t.element_size() for t in book),
             "state_rows": rows, "trainable_per_step": trainer.trainable_per_step()}
 
@@ -562,7 +562,7 @@ def print_state(rows: list[dict]) -> None:
               f"{fmt_bytes(r['bookkeeping_bytes']) if r['bookkeeping_bytes'] else '':>11} "
               f"{'' if r['state_rows'] is None else format(r['state_rows'], ','):>10} {r['vs_dense_value_adamw']:>8.3f}x")
     print("state: optimizer_state_elements() and its bytes; '+ slot map': RowAdamW's N-long slot -> state-row map")
-    print("  (not in optimizer_state_elements); vs dense: bytes / dense AdamW moments over the value table alone.")
+    print("  (counted in optimizer_state_elements, not in state bytes); vs dense: bytes / dense AdamW moments over the value table alone.")
 
 
 def json_safe(obj):
