@@ -1,0 +1,168 @@
+"""Vocabulary projection of a memory slot: which tokens its value row promotes and suppresses when
+pushed through the rest of the output path on its own (a logit lens on one component).
+
+    gate    = mean over the slot's recorded contexts x of silu(W1 x)      (Memory+ swilu gate)
+    logits  = unembed(final_norm(W2_weight (v ⊙ gate)))
+
+The approximation, stated: (1) the gate is the mean gate over the tokens that read the slot, not
+the gate of any one token (without a trace, a gate of ones — `df.attrs["gate"] == "ones"`; a model
+without swilu has no gate, "none"); (2) the slot's read weight is taken as 1 and W2's bias, shared by
+all slots, is left out; (3) the final norm is applied to the memory output alone — the residual
+stream the output is added to is ignored, as is every later block. RMSNorm is scale invariant, so
+(3) keeps the direction of W2(v ⊙ gate), rescaled by the norm's gain.
+
+Contexts are recomputed, not stored: the trace's tokens table has each recorded document's token
+ids, so the documents holding the slot's readers are run through the model again (whole document,
+in position order; a document longer than the model's context is cut to the window that ends at
+the reading token) and the memory layer's input x is captured with a forward pre-hook.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smviz.errors import ConfigError, TraceError
+from smviz.model import MemoryModel, _get
+from smviz.trace import Trace
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ["direction", "rank", "token_id", "token", "logit"]
+
+FINAL_NORMS: dict[str, str] = {"llama": "model.norm", "mistral": "model.norm", "qwen2": "model.norm", "gpt2": "transformer.ln_f"}
+"""model_type → dotted path of the final norm from the `*ForCausalLM` module (the Architecture
+registry has no such field yet); other families are looked up under the common names below."""
+_COMMON_NORMS = ("model.norm", "transformer.ln_f", "model.final_layernorm", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm")
+
+
+def output_path(model: MemoryModel) -> tuple[nn.Module, nn.Module]:
+    """(final norm, unembedding) of the model's LM."""
+    unembed = model.lm.get_output_embeddings()
+    if unembed is None:
+        raise ConfigError(f"the {model.config.model_type!r} model has no output embeddings (lm_head)")
+    paths = [FINAL_NORMS[model.config.model_type]] if model.config.model_type in FINAL_NORMS else list(_COMMON_NORMS)
+    for path in paths:
+        try:
+            return _get(model.lm, path), unembed
+        except AttributeError:
+            continue
+    raise ConfigError(f"cannot find the final norm of a {model.config.model_type!r} model; add its path to "
+                      "smviz.analysis.vocab.FINAL_NORMS")
+
+
+def _layer(model: MemoryModel, layer: int | None) -> int:
+    layers = list(model.memory_layers)
+    if layer is None:
+        if len(layers) != 1:
+            raise ConfigError(f"the model has memory layers {layers}; say which one (layer=...)")
+        return layers[0]
+    if layer not in layers:
+        raise ConfigError(f"block {layer} has no memory layer; memory layers are at {layers}")
+    return int(layer)
+
+
+@torch.no_grad()
+def slot_gate(model: MemoryModel, slot: int, layer: int | None = None, *, trace: Trace,
+              max_contexts: int = 256) -> tuple[torch.Tensor, int]:
+    """The mean swilu gate silu(W1 x) (v_dim,) over the (at most `max_contexts` highest-weight)
+    recorded tokens that read `slot`, recomputed by running their documents through `model`;
+    returns it and the number of contexts averaged. A slot the trace never saw read raises."""
+    layer = _layer(model, layer)
+    memory = model.memory_layers[layer]
+    if memory.w1 is None:
+        raise ConfigError("the memory has no swilu gate (swilu=False)")
+    if trace.meta.get("memory") != model.memory_config.to_dict():
+        raise TraceError("this trace was recorded with a different memory config; record a trace with this model")
+    if trace.model_hash is not None and trace.model_hash != model.model_hash:
+        log.warning("trace recorded with model %s, projecting with %s: contexts recomputed with the latter",
+                    trace.model_hash, model.model_hash)
+    index = trace.slot_index()
+    ctx = index.contexts(slot, n=max_contexts, window=0, layer=layer)
+    if ctx.empty:
+        raise TraceError(f"slot {slot} of layer {layer} is never read in this trace; pass another trace or trace=None")
+    tok = index._token_columns()
+    token_ids = trace.tokens.column("token_id").to_numpy()
+    limit = int(getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions", 0) or 1 << 30)
+
+    captured: list[torch.Tensor] = []
+    handle = memory.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+    gates = []
+    try:
+        for doc, group in ctx.groupby("doc", sort=True):
+            lo, hi = int(tok["doc_start"][doc]), int(tok["doc_start"][doc + 1])
+            order = np.argsort(tok["position"][lo:hi], kind="stable")  # document order
+            ids = token_ids[lo:hi][order]
+            if (ids < 0).any():
+                raise TraceError("the trace was recorded from embeddings (token_id -1): its contexts cannot be rerun")
+            place = {int(r): int(np.flatnonzero(order == r - lo)[0]) for r in group["row"]}
+            windows = [(0, len(ids), list(place.values()))] if len(ids) <= limit else \
+                [(max(0, p - limit + 1), p + 1, [p]) for p in place.values()]
+            for a, b, wanted in windows:
+                captured.clear()
+                model(input_ids=torch.tensor(ids[None, a:b], device=model.device, dtype=torch.long))
+                x = captured[-1][0]  # (T, dim)
+                gates.append(F.silu(memory.w1(x[[p - a for p in wanted]])))
+    finally:
+        handle.remove()
+    gate = torch.cat(gates).double().mean(0)
+    return gate, len(ctx)
+
+
+@torch.no_grad()
+def promoted_tokens(
+    model: MemoryModel,
+    slot: int,
+    layer: int | None = None,
+    *,
+    trace: Trace | None = None,
+    k: int = 10,
+    max_contexts: int = 256,
+) -> pd.DataFrame:
+    """The k tokens a slot's value row promotes most and the k it suppresses most (see the module
+    docstring for the projection and its approximation).
+
+    Columns: direction ('promoted' | 'suppressed'), rank (0 = strongest), token_id, token (decoded;
+    '' without a tokenizer), logit (float64, the projected logit). `df.attrs`: layer, slot, gate
+    ('contexts' | 'ones' | 'none'), n_contexts (tokens the gate was averaged over)."""
+    layer = _layer(model, layer)
+    memory = model.memory_layers[layer]
+    n = model.memory_config.n_slots
+    if not (isinstance(slot, (int, np.integer)) and 0 <= slot < n):
+        raise ConfigError(f"slot {slot!r} is out of range: the memory has {n:,} slots (0..{n - 1})")
+    if k < 1:
+        raise ConfigError(f"k must be >= 1, got {k}")
+    v = memory.value_table.weight[int(slot)].double()
+    if memory.w1 is None:
+        gate, kind, n_ctx = torch.ones_like(v), "none", 0
+    elif trace is None:
+        gate, kind, n_ctx = torch.ones_like(v), "ones", 0
+    else:
+        gate, n_ctx = slot_gate(model, int(slot), layer, trace=trace, max_contexts=max_contexts)
+        kind = "contexts"
+    logits = project(model, memory, v * gate.to(v.device))
+    k = min(k, len(logits))
+    top, low = logits.topk(k), logits.topk(k, largest=False)
+    tokenizer = model.tokenizer
+    records: list[dict[str, Any]] = []
+    for direction, (vals, ids) in (("promoted", top), ("suppressed", low)):
+        for rank, (val, tid) in enumerate(zip(vals.tolist(), ids.tolist())):
+            token = tokenizer.decode([tid]) if tokenizer is not None else ""
+            records.append({"direction": direction, "rank": rank, "token_id": tid, "token": token, "logit": val})
+    df = pd.DataFrame(records, columns=COLUMNS)
+    df.attrs.update(layer=layer, slot=int(slot), gate=kind, n_contexts=n_ctx)
+    return df
+
+
+def project(model: MemoryModel, memory: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """logits (vocab,) float64 of one memory-output vector y (v_dim,): unembed(final_norm(W2_weight y))."""
+    norm, unembed = output_path(model)
+    dtype = memory.w2.weight.dtype
+    out = F.linear(y.to(dtype), memory.w2.weight)  # W2 without its bias
+    return unembed(norm(out[None, None]))[0, 0].double()
