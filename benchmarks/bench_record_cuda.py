@@ -12,7 +12,6 @@ the CPU, where `bench_record.py` measures the ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 

@@ -55,13 +55,15 @@ class Architecture:
     """Attribute of one block that holds its feed-forward module, called as `ffn(hidden_states)`."""
     hidden_size: str = "hidden_size"
     """Attribute of the HF config that holds the model width."""
+    final_norm: str = "model.norm"
+    """Dotted path to the norm applied before the unembedding (used by vocabulary projection)."""
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture("model.layers", "mlp"),  # Llama 1-3, SmolLM, TinyLlama, ...
     "mistral": Architecture("model.layers", "mlp"),
     "qwen2": Architecture("model.layers", "mlp"),
-    "gpt2": Architecture("transformer.h", "mlp", hidden_size="n_embd"),
+    "gpt2": Architecture("transformer.h", "mlp", hidden_size="n_embd", final_norm="transformer.ln_f"),
 }
 
 
@@ -151,6 +153,11 @@ class MemoryFFN(nn.Module):
         if self.ffn is None:
             return out
         return self.ffn(hidden_states, *args, **kwargs) + out
+
+
+def module_at(module: nn.Module, path: str) -> Any:
+    """The submodule at a dotted attribute path, e.g. 'model.norm'."""
+    return _get(module, path)
 
 
 def _get(module: nn.Module, path: str) -> Any:

@@ -23,3 +23,4 @@ def test_walkthrough_notebook_runs(monkeypatch, tmp_path):
     assert namespace["summary"]["method"] == "sparse"
     assert not namespace["audit"]["violation"].any()
     assert len(namespace["slots"]) > 0 and namespace["trace"].n_tokens > 0
+    assert set(namespace["alignment"]["fact_id"]) == set(namespace["run"].steps["fact_id"])

@@ -29,32 +29,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from smviz.errors import ConfigError, TraceError
-from smviz.model import MemoryModel, _get
+from smviz.model import MemoryModel, architecture_of, module_at
 from smviz.trace import Trace
 
 log = logging.getLogger(__name__)
 
 COLUMNS = ["direction", "rank", "token_id", "token", "logit"]
 
-FINAL_NORMS: dict[str, str] = {"llama": "model.norm", "mistral": "model.norm", "qwen2": "model.norm", "gpt2": "transformer.ln_f"}
-"""model_type → dotted path of the final norm from the `*ForCausalLM` module (the Architecture
-registry has no such field yet); other families are looked up under the common names below."""
-_COMMON_NORMS = ("model.norm", "transformer.ln_f", "model.final_layernorm", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm")
-
-
 def output_path(model: MemoryModel) -> tuple[nn.Module, nn.Module]:
-    """(final norm, unembedding) of the model's LM."""
+    """(final norm, unembedding) of the model's LM, from its Architecture entry."""
     unembed = model.lm.get_output_embeddings()
     if unembed is None:
-        raise ConfigError(f"the {model.config.model_type!r} model has no output embeddings (lm_head)")
-    paths = [FINAL_NORMS[model.config.model_type]] if model.config.model_type in FINAL_NORMS else list(_COMMON_NORMS)
-    for path in paths:
-        try:
-            return _get(model.lm, path), unembed
-        except AttributeError:
-            continue
-    raise ConfigError(f"cannot find the final norm of a {model.config.model_type!r} model; add its path to "
-                      "smviz.analysis.vocab.FINAL_NORMS")
+        raise ConfigError(f"the {model.config.model_type!r} model has no output embeddings to project onto")
+    path = architecture_of(model.config).final_norm
+    try:
+        return module_at(model.lm, path), unembed
+    except AttributeError:
+        raise ConfigError(f"the {model.config.model_type!r} model has no final norm at {path!r}; set Architecture.final_norm "
+                          "when registering it (smviz.model.register_architecture)") from None
 
 
 def _layer(model: MemoryModel, layer: int | None) -> int:
