@@ -39,12 +39,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from smviz.analysis.entities import (
-    align_tokens,
-    entity_spans,
-    load_pipeline,
-    slot_entity_profile,
-)
+from smviz.analysis.entities import align_tokens, entity_spans, load_pipeline
+from smviz.analysis.entity_stats import slot_entity_profile
 from smviz.data.corpus import load_articles
 from smviz.data.tokenizer import train_tokenizer
 from smviz.io import write_json_atomic

@@ -17,11 +17,13 @@ from scipy import stats
 from smviz.analysis.entities import (
     EntityError,
     align_tokens,
+    entity_spans,
+    load_pipeline,
+)
+from smviz.analysis.entity_stats import (
     alignment_of_selection,
     bh_q_values,
     enrichment_p_values,
-    entity_spans,
-    load_pipeline,
     selection_entity_alignment,
     slot_entity_profile,
 )

@@ -5,14 +5,11 @@ with documented columns — the notebook API that the app and the reports reuse
 
 from smviz.analysis.ablate import ablate_slots, ablated, ablation_test, accessed_slots, answer_logprob
 from smviz.analysis.diff import DiffError, ModelDiff, access_shift, allowed_rows, diff_models, diff_run_model, diff_run_steps, fact_shift
-from smviz.analysis.entities import (
-    EntityError,
-    align_tokens,
+from smviz.analysis.entities import EntityError, align_tokens, entity_spans, load_pipeline
+from smviz.analysis.entity_stats import (
     alignment_of_selection,
     bh_q_values,
     enrichment_p_values,
-    entity_spans,
-    load_pipeline,
     selection_entity_alignment,
     slot_entity_profile,
 )
