@@ -230,10 +230,19 @@ def test_selection_alignment_on_a_hand_built_run(tmp_path):
 
 def test_fallback_ruler_and_the_ner_cache(tmp_path, monkeypatch):
     entities = [Entity("Barack Obama", "PERSON"), Entity("Paris", "GPE"), Entity("Rome", "GPE")]
-    with pytest.warns(UserWarning, match="falling back"):
-        nlp = load_pipeline(None, fallback_entities=entities)
     with pytest.warns(UserWarning, match="not installed"):
-        load_pipeline("en_core_web_nope", fallback=True, fallback_entities=entities)
+        nlp = load_pipeline("en_core_web_nope", fallback=True, fallback_entities=entities)
+    # with no pipeline installed at all, the default (name None) falls back too
+    import spacy
+
+    import smviz.analysis.entities as entities_module
+
+    monkeypatch.setattr(entities_module, "DEFAULT_PIPELINE", "en_core_web_nope")
+    monkeypatch.setitem(entities_module.KNOWN_PIPELINES, "en_core_web_nope", "en-core-web-nope")
+    monkeypatch.setattr(spacy.util, "get_installed_models", lambda: [])
+    with pytest.warns(UserWarning, match="no spaCy pipeline is installed"):
+        ruler_only = load_pipeline(fallback_entities=entities)
+    assert ruler_only.pipe_names == ["entity_ruler"]
     trace = make_trace()
     spans = entity_spans(trace, nlp)
     assert spans[["doc_id", "start", "end", "label", "text"]].values.tolist() == [

@@ -66,19 +66,27 @@ class EntityError(SmvizError, ValueError):
 
 
 def load_pipeline(
-    name: str | None = DEFAULT_PIPELINE, *, fallback: bool = False, fallback_entities: Iterable[Entity] | None = None
+    name: str | None = None, *, fallback: bool = False, fallback_entities: Iterable[Entity] | None = None
 ) -> Language:
     """A spaCy pipeline with only the components NER needs enabled.
 
-    `name`: an installed pipeline package (``spacy.load(name)``). Its ``ner`` stays enabled with the
-    components it listens to (a shared ``tok2vec``/``transformer``) and any ``entity_ruler``; tagger,
-    parser, lemmatizer, ... are disabled (en_core_web_sm's ner has its own tok2vec: only ``ner`` runs).
-    A name that is not installed raises `EntityError` with the install command — unless `fallback`,
-    which, like ``name=None``, gives ``spacy.blank("en")`` + an ``entity_ruler`` whose patterns are
-    `fallback_entities` (e.g. the fact world's ``Fact.entities``), with a warning that says so."""
+    `name`: an installed pipeline package (``spacy.load(name)``); None picks `DEFAULT_PIPELINE` if it is
+    installed, else any installed pipeline. Its ``ner`` stays enabled with the components it listens to
+    (a shared ``tok2vec``/``transformer``) and any ``entity_ruler``; tagger, parser, lemmatizer, ... are
+    disabled (en_core_web_sm's ner has its own tok2vec: only ``ner`` runs). A named pipeline that is not
+    installed raises `EntityError` with the install command, unless `fallback`. When no pipeline is
+    installed (name None), or a named one is missing with `fallback`, the result is ``spacy.blank("en")``
+    + an ``entity_ruler`` whose patterns are `fallback_entities` (e.g. the fact world's
+    ``Fact.entities``), with a warning that says so."""
     import spacy
 
-    if name is not None:
+    if name is None:
+        candidates = [DEFAULT_PIPELINE] + sorted(set(spacy.util.get_installed_models()) - {DEFAULT_PIPELINE})
+        for candidate in candidates:
+            if spacy.util.is_package(candidate):
+                return load_pipeline(candidate)
+        why = f"no spaCy pipeline is installed (`pip install {KNOWN_PIPELINES[DEFAULT_PIPELINE]}` gives the default)"
+    else:
         try:
             nlp = spacy.load(name)
         except OSError as e:
@@ -86,8 +94,8 @@ def load_pipeline(
             if not fallback:
                 raise EntityError(
                     f"the spaCy pipeline {name!r} is not installed ({str(e).splitlines()[0][:120]}); install it with "
-                    f"`pip install {req}`, or pass name=None / fallback=True for a rule-based pipeline built from "
-                    "the fact world's entities"
+                    f"`pip install {req}`, or pass fallback=True for a rule-based pipeline built from the fact "
+                    "world's entities"
                 ) from None
             why = f"the spaCy pipeline {name!r} is not installed (`pip install {req}`)"
         else:
@@ -99,8 +107,6 @@ def load_pipeline(
             }
             nlp.select_pipes(enable=[n for n in nlp.pipe_names if n in keep])
             return nlp
-    else:
-        why = "no spaCy pipeline was named"
     entities = list(fallback_entities or [])
     warnings.warn(
         f"{why}: falling back to spacy.blank('en') + an EntityRuler of {len(entities)} known entity strings; "
