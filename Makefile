@@ -31,6 +31,7 @@ bench: install
 	$(VPY) benchmarks/bench_memory.py
 	$(OFFLINE) $(VPY) benchmarks/bench_record.py
 	$(OFFLINE) $(VPY) benchmarks/bench_finetune.py
+	$(OFFLINE) $(VPY) benchmarks/bench_entities.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
