@@ -80,7 +80,6 @@ import argparse
 import copy
 import datetime as _dt
 import gc
-import json
 import logging
 import math
 import platform
@@ -89,7 +88,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -97,6 +95,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from _bench import cpu_name, write_result  # noqa: E402 (run as a script from benchmarks/)
 
 from smviz.data.corpus import load_articles
 from smviz.data.tokenizer import train_tokenizer
@@ -565,29 +564,8 @@ def print_state(rows: list[dict]) -> None:
     print("  (counted in optimizer_state_elements, not in state bytes); vs dense: bytes / dense AdamW moments over the value table alone.")
 
 
-def json_safe(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    payload = json_safe(payload)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def git_info() -> dict:
@@ -601,15 +579,6 @@ def git_info() -> dict:
             "uncommitted_library_files": git("status", "--porcelain", "--", "smviz").splitlines()}
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # --------------------------------------------------------------------------- main
@@ -761,7 +730,7 @@ def main(argv=None) -> int:
                                            if device.type == "cuda" else {}),
         "total_runtime_s": total,
     }
-    write_json_atomic(args.out, payload)
+    write_result(args.out, payload)
     print(f"wrote {args.out}")
     return 0
 

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import json
 import math
 import os
 import platform
@@ -44,7 +43,6 @@ import random
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,6 +50,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _bench import cpu_name, write_result  # noqa: E402 (run as a script from benchmarks/)
 from torch import nn
 
 from smviz.memory import MemoryConfig, ProductKeyMemory
@@ -371,29 +370,8 @@ def print_table(rows: list[dict]) -> None:
     print("fwd = under torch.no_grad(); fwd+bwd = forward with graph + backward.")
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def peak_memory(device) -> dict:
@@ -595,7 +573,7 @@ def main(argv=None) -> int:
         "memory": peak_memory(device),
         "total_runtime_s": total,
     }
-    write_json_atomic(args.out, payload)
+    write_result(args.out, payload)
     print(f"wrote {args.out}")
     return 0
 

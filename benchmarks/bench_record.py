@@ -75,7 +75,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import json
 import math
 import os
 import platform
@@ -94,6 +93,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _bench import cpu_name, write_result  # noqa: E402 (run as a script from benchmarks/)
 
 from smviz.data.corpus import load_articles
 from smviz.data.world import WorldConfig
@@ -701,41 +701,10 @@ def print_table(rows: list[dict]) -> None:
     print("  in 'other'); 'marginal rate' excludes the fixed start-up measured by the runs with P batches.")
 
 
-def json_safe(obj):
-    """NaN / inf (e.g. a marginal rate from runs too short to tell apart) become null: strict JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
 
 
-def write_json_atomic(path: Path, payload: dict) -> None:
-    payload = json_safe(payload)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # --------------------------------------------------------------------------- main
@@ -911,7 +880,7 @@ def main(argv=None) -> int:
         "memory": {"peak_rss_mb": peak},
         "total_runtime_s": total,
     }
-    write_json_atomic(args.out, payload)
+    write_result(args.out, payload)
     print(f"wrote {args.out}")
     return 0
 
