@@ -175,6 +175,40 @@ def _cmd_stats(args: argparse.Namespace) -> None:
         print(f"wrote {out}\n{format_usage(stats)}")
 
 
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def app_command(workspace: str, port: int = 8501, host: str = "127.0.0.1") -> list[str]:
+    """The command line that serves the Streamlit app (app/Home.py beside the smviz package)."""
+    from pathlib import Path
+
+    import smviz
+
+    home = Path(smviz.__file__).resolve().parents[1] / "app" / "Home.py"
+    if not home.is_file():
+        raise SmvizError(f"the Streamlit app is missing ({home} does not exist); run smviz from a checkout of the repository")
+    return [sys.executable, "-m", "streamlit", "run", str(home), "--server.address", host, "--server.port", str(port),
+            "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+
+
+def _cmd_app(args: argparse.Namespace) -> None:
+    import os
+    import subprocess
+    from pathlib import Path
+
+    workspace = Path(args.workspace).resolve()
+    if not workspace.is_dir():
+        raise SmvizError(f"workspace {workspace} does not exist; build one with `smviz demo --workspace {args.workspace}`")
+    command = app_command(str(workspace), args.port, args.host)
+    if args.host not in LOCAL_HOSTS:
+        print(f"warning: the app is exposed on the network at {args.host}:{args.port}; anyone who can reach it can read "
+              f"the workspace {workspace}", file=sys.stderr)
+    if not args.no_browser:
+        print(f"smviz app: http://{'localhost' if args.host in LOCAL_HOSTS else args.host}:{args.port}")
+    env = {**os.environ, "SMVIZ_WORKSPACE": str(workspace)}
+    raise SystemExit(subprocess.call(command, env=env))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from smviz.model import PRESETS
 
@@ -318,6 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="also print the evaluation as JSON")
     p.set_defaults(run=_cmd_demo)
+
+    p = sub.add_parser("app", help="browse a workspace in the Streamlit app (local only unless --host says otherwise)")
+    p.add_argument("--workspace", default="workspace", help="workspace directory to browse (default: ./workspace)")
+    p.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; anything else exposes the app, with a warning)")
+    p.add_argument("--no-browser", action="store_true", help="do not print the URL to open (the server is always headless)")
+    p.set_defaults(run=_cmd_app)
     return parser
 
 

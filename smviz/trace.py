@@ -491,6 +491,25 @@ class SlotIndex:
         k = self._key(slot, layer)
         return int(self.offsets[k + 1] - self.offsets[k])
 
+    def slot_weights(self, slot: int, layer: int | None = None) -> np.ndarray:
+        """The weights of every read of `slot` (float32, in token order)."""
+        k = self._key(slot, layer)
+        return np.asarray(self.weights[int(self.offsets[k]) : int(self.offsets[k + 1])], dtype=np.float32)
+
+    def reads_of_rows(self, rows: np.ndarray, layer: int | None = None) -> pd.DataFrame:
+        """Every read by the given token rows (any order): columns row, layer, head, rank, slot, weight.
+        The accesses are sorted by token, so each row's reads are one contiguous range (no scan)."""
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        if len(rows) and (rows[0] < 0 or rows[-1] >= self.trace.n_tokens):
+            raise TraceError(f"token rows must lie in [0, {self.trace.n_tokens}), got {rows[0]}..{rows[-1]}")
+        token_col = self._access_tokens()
+        starts = token_col.searchsorted(rows.astype(token_col.dtype))
+        ends = token_col.searchsorted((rows + 1).astype(token_col.dtype))
+        lengths = ends - starts
+        take = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(lengths.sum())
+        df = _float_weights(self.trace.accesses.take(pa.array(take)).to_pandas()).rename(columns={"token": "row"})
+        return df if layer is None else df[df["layer"] == self.trace._layer(layer)].reset_index(drop=True)
+
     def contexts(self, slot: int, n: int = 20, window: int = 8, layer: int | None = None) -> pd.DataFrame:
         """The n tokens that read `slot` with the most weight, with `window` tokens of context each side
         (within the token's document). A token's weight is the sum of its reads of the slot over heads.

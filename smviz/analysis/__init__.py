@@ -31,12 +31,13 @@ from smviz.analysis.overlap import (
     slot_reuse,
 )
 from smviz.analysis.runs import Run, RunError
+from smviz.analysis.slots import co_accessed, selection_history, value_norm_history
 from smviz.analysis.tfidf import TfidfError, batch_slot_counts, step_slot_counts, step_table, tfidf_table, trace_rows, trace_slot_counts
 from smviz.analysis.vocab import promoted_tokens
 
 __all__ = [
     "DiffError", "EntityError", "ModelDiff", "ModelMismatchError", "OverlapError", "Run", "RunError", "TfidfError",
-    "ablate_slots", "ablated", "ablation_test", "access_shift", "accessed_slots", "align_tokens", "alignment_of_selection",
+    "ablate_slots", "ablated", "co_accessed", "selection_history", "value_norm_history", "ablation_test", "access_shift", "accessed_slots", "align_tokens", "alignment_of_selection",
     "allowed_rows", "answer_logprob", "background_overlap", "background_top", "batch_slot_counts", "bh_q_values", "churn",
     "core_coverage", "core_set", "core_sets", "cross_run", "diff_models", "diff_run_model", "diff_run_steps",
     "enrichment_p_values", "entity_spans", "fact_shift", "intersection_matrix", "jaccard_matrix", "load_pipeline",

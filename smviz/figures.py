@@ -1,0 +1,166 @@
+"""Every plotly figure of smviz, one function each. Each takes DataFrames (or arrays) that the analysis
+layer returns and gives back a `plotly.graph_objects.Figure`; the Streamlit app, the HTML reports and
+notebooks all draw through these functions, so a figure looks the same everywhere."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+__all__ = [
+    "access_histogram", "weight_histogram", "learning_curves", "overlap_heatmap", "churn_figure",
+    "tfidf_history", "value_norm_history", "promoted_tokens_figure", "token_slot_heatmap",
+    "access_shift_figure", "fact_shift_figure", "entity_share_figure",
+]
+
+_LAYOUT = dict(margin=dict(l=40, r=20, t=50, b=40), template="plotly_white")
+
+
+def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what} needs columns {list(columns)}; missing {missing}")
+
+
+def access_histogram(counts: np.ndarray | Sequence[int], *, title: str = "Reads per slot") -> go.Figure:
+    """Histogram of per-slot read counts (`Trace.slot_counts()` or `SlotStats` counts of one layer):
+    how many slots were read how often; dead slots (0 reads) form the first bar."""
+    counts = np.asarray(counts, dtype=np.int64)
+    fig = go.Figure(go.Histogram(x=counts, nbinsx=50, name="slots"))
+    fig.update_layout(title=title, xaxis_title="reads of a slot", yaxis_title="slots", bargap=0.05, **_LAYOUT)
+    return fig
+
+
+def weight_histogram(weights: np.ndarray | Sequence[float], *, slot: int | None = None) -> go.Figure:
+    """Histogram of the softmax weights of every read of one slot (e.g. the slot's entries of
+    `SlotIndex.weights`, or the `weight` column of `SlotIndex.contexts`)."""
+    w = np.asarray(weights, dtype=np.float64)
+    fig = go.Figure(go.Histogram(x=w, nbinsx=40, name="reads"))
+    title = "Access weights" + (f" of slot {slot}" if slot is not None else "")
+    fig.update_layout(title=title, xaxis_title="weight of the read", yaxis_title="reads", bargap=0.05, **_LAYOUT)
+    return fig
+
+
+def learning_curves(metrics: pd.DataFrame, *, by: str = "run") -> go.Figure:
+    """Learning (learn_f1) and forgetting (known_f1, heldout_nll) against the step, one line per value of
+    column `by` (a run name or method) on shared axes. `metrics`: `Run.metrics` rows, concatenated over
+    runs with a `by` column added."""
+    _require(metrics, ["step", by], "learning_curves")
+    panels = [(c, t) for c, t in (("learn_f1", "learning: F1 on new facts"), ("known_f1", "forgetting: F1 on known facts"),
+                                  ("heldout_nll", "forgetting: held-out NLL")) if c in metrics.columns]
+    fig = make_subplots(rows=1, cols=max(len(panels), 1), subplot_titles=[t for _, t in panels], shared_xaxes=True)
+    colors = px.colors.qualitative.Plotly
+    for i, (key, group) in enumerate(metrics.groupby(by, sort=False)):
+        for j, (col, _) in enumerate(panels):
+            fig.add_trace(go.Scatter(x=group["step"], y=group[col], mode="lines+markers", name=str(key), legendgroup=str(key),
+                                     showlegend=j == 0, line=dict(color=colors[i % len(colors)])), row=1, col=j + 1)
+    fig.update_xaxes(title_text="step")
+    fig.update_layout(title="Learning and forgetting", **_LAYOUT)
+    return fig
+
+
+def overlap_heatmap(matrix: pd.DataFrame, *, title: str = "Jaccard overlap of selected sets") -> go.Figure:
+    """Heatmap of a square overlap matrix (`jaccard_matrix`, `overlap_matrix`, `intersection_matrix`)."""
+    labels_x = [str(c) for c in matrix.columns]
+    labels_y = [str(i) for i in matrix.index]
+    fig = go.Figure(go.Heatmap(z=matrix.to_numpy(dtype=np.float64), x=labels_x, y=labels_y, colorscale="Viridis",
+                               zmin=0, hoverongaps=False))
+    fig.update_layout(title=title, yaxis_autorange="reversed", **_LAYOUT)
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(type="category")
+    return fig
+
+
+def churn_figure(churn: pd.DataFrame) -> go.Figure:
+    """Step-to-step change of the selected set (`churn`): churn, Jaccard with the previous step and the
+    share of never-before-selected slots."""
+    _require(churn, ["step", "churn", "jaccard", "new_share"], "churn_figure")
+    fig = go.Figure()
+    for col in ("churn", "jaccard", "new_share"):
+        fig.add_trace(go.Scatter(x=churn["step"], y=churn[col], mode="lines+markers", name=col))
+    fig.update_layout(title="Churn of the selected set", xaxis_title="step", yaxis_title="share", yaxis_range=[0, 1.05], **_LAYOUT)
+    return fig
+
+
+def tfidf_history(history: pd.DataFrame, *, slot: int | None = None) -> go.Figure:
+    """TF-IDF score of one slot at every step of a run: `step_table` rows of that slot (step, score,
+    rank, selected), with the steps where it was not selected at score 0 when given so."""
+    _require(history, ["step", "score"], "tfidf_history")
+    selected = history["selected"] if "selected" in history.columns else pd.Series(True, index=history.index)
+    fig = go.Figure(go.Scatter(x=history["step"], y=history["score"], mode="lines+markers", name="score",
+                               marker=dict(color=np.where(selected, "crimson", "lightgray"), size=9)))
+    title = "TF-IDF score across steps" + (f" — slot {slot}" if slot is not None else "")
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title="tf·idf (red: selected)", **_LAYOUT)
+    return fig
+
+
+def value_norm_history(history: pd.DataFrame, *, slot: int | None = None) -> go.Figure:
+    """‖value row‖₂ of a slot after each step of a run (columns step, norm; step 0 = base model)."""
+    _require(history, ["step", "norm"], "value_norm_history")
+    fig = go.Figure(go.Scatter(x=history["step"], y=history["norm"], mode="lines+markers", name="‖v‖"))
+    title = "Value-row norm across steps" + (f" — slot {slot}" if slot is not None else "")
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title="‖v‖₂", **_LAYOUT)
+    return fig
+
+
+def promoted_tokens_figure(tokens: pd.DataFrame) -> go.Figure:
+    """Vocabulary projection of a slot (`promoted_tokens`): promoted tokens right, suppressed left."""
+    _require(tokens, ["direction", "token", "logit"], "promoted_tokens_figure")
+    df = tokens.sort_values("logit")
+    colors = np.where(df["direction"] == "promoted", "seagreen", "indianred")
+    fig = go.Figure(go.Bar(x=df["logit"], y=[repr(t) for t in df["token"]], orientation="h", marker_color=colors))
+    fig.update_layout(title="Promoted and suppressed tokens", xaxis_title="projected logit", **_LAYOUT)
+    fig.update_yaxes(type="category")
+    return fig
+
+
+def token_slot_heatmap(reads: pd.DataFrame, *, max_slots: int = 40) -> go.Figure:
+    """Which slots each token of a document read (`SlotIndex.slots_for` rows: position, token, slot,
+    weight): tokens down, slots across (the `max_slots` most-read), colour = summed weight over heads."""
+    _require(reads, ["position", "token", "slot", "weight"], "token_slot_heatmap")
+    top = reads.groupby("slot")["weight"].sum().nlargest(max_slots).index
+    sub = reads[reads["slot"].isin(top)]
+    grid = sub.pivot_table(index="position", columns="slot", values="weight", aggfunc="sum", fill_value=0.0)
+    grid = grid.reindex(sorted(reads["position"].unique()), fill_value=0.0)
+    labels = reads.drop_duplicates("position").set_index("position")["token"].reindex(grid.index)
+    ylabels = [f"{p}: {t!r}" for p, t in zip(grid.index, labels)]
+    fig = go.Figure(go.Heatmap(z=grid.to_numpy(), x=[str(c) for c in grid.columns], y=ylabels, colorscale="Blues"))
+    fig.update_layout(title="Token × slot reads", xaxis_title="slot", yaxis_autorange="reversed", **_LAYOUT)
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(type="category")
+    return fig
+
+
+def access_shift_figure(shift: pd.DataFrame) -> go.Figure:
+    """Distribution of the per-token Jaccard similarity of read slots before/after (`access_shift`)."""
+    _require(shift, ["jaccard"], "access_shift_figure")
+    fig = go.Figure(go.Histogram(x=shift["jaccard"], nbinsx=20, xbins=dict(start=0, end=1.0001)))
+    fig.update_layout(title="Access shift: Jaccard of each token's slots, before vs after", xaxis_title="Jaccard",
+                      yaxis_title="tokens", bargap=0.05, **_LAYOUT)
+    return fig
+
+
+def fact_shift_figure(shift: pd.DataFrame) -> go.Figure:
+    """Per-fact mean F1 before and after (`fact_shift` rows, averaged over each fact's questions)."""
+    _require(shift, ["fact_id", "f1_before", "f1_after"], "fact_shift_figure")
+    per = shift.groupby("fact_id", sort=False)[["f1_before", "f1_after"]].mean().reset_index()
+    fig = go.Figure([go.Bar(x=per["fact_id"], y=per["f1_before"], name="before"),
+                     go.Bar(x=per["fact_id"], y=per["f1_after"], name="after")])
+    fig.update_layout(title="F1 per fact, before and after", barmode="group", yaxis_range=[0, 1.05], **_LAYOUT)
+    return fig
+
+
+def entity_share_figure(profile: pd.DataFrame, slot: int) -> go.Figure:
+    """Share of one slot's access mass per entity label (a `slot_entity_profile` row's share_* columns)."""
+    _require(profile, ["slot"], "entity_share_figure")
+    row = profile[profile["slot"] == slot]
+    cols = [c for c in profile.columns if c.startswith("share_")]
+    values = row[cols].iloc[0].to_numpy(dtype=np.float64) if len(row) else np.zeros(len(cols))
+    fig = go.Figure(go.Bar(x=[c.removeprefix("share_") for c in cols], y=values))
+    fig.update_layout(title=f"Entity labels slot {slot} reads on (share of its mass)", yaxis_title="share", **_LAYOUT)
+    return fig
