@@ -45,7 +45,8 @@ def _cmd_info(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from smviz.demo import run_demo
 
-    result = run_demo(args.workspace, preset=args.preset, device=args.device, steps=args.steps, seed=args.seed)
+    result = run_demo(args.workspace, preset=args.preset, device=args.device, steps=args.steps, seed=args.seed,
+                      app=not args.no_app, port=args.port)
     if args.json:
         print(json.dumps(result, indent=2))
 
@@ -175,38 +176,10 @@ def _cmd_stats(args: argparse.Namespace) -> None:
         print(f"wrote {out}\n{format_usage(stats)}")
 
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-def app_command(workspace: str, port: int = 8501, host: str = "127.0.0.1") -> list[str]:
-    """The command line that serves the Streamlit app (app/Home.py beside the smviz package)."""
-    from pathlib import Path
-
-    import smviz
-
-    home = Path(smviz.__file__).resolve().parents[1] / "app" / "Home.py"
-    if not home.is_file():
-        raise SmvizError(f"the Streamlit app is missing ({home} does not exist); run smviz from a checkout of the repository")
-    return [sys.executable, "-m", "streamlit", "run", str(home), "--server.address", host, "--server.port", str(port),
-            "--server.headless", "true", "--browser.gatherUsageStats", "false"]
-
-
 def _cmd_app(args: argparse.Namespace) -> None:
-    import os
-    import subprocess
-    from pathlib import Path
+    from smviz.serve import serve_app
 
-    workspace = Path(args.workspace).resolve()
-    if not workspace.is_dir():
-        raise SmvizError(f"workspace {workspace} does not exist; build one with `smviz demo --workspace {args.workspace}`")
-    command = app_command(str(workspace), args.port, args.host)
-    if args.host not in LOCAL_HOSTS:
-        print(f"warning: the app is exposed on the network at {args.host}:{args.port}; anyone who can reach it can read "
-              f"the workspace {workspace}", file=sys.stderr)
-    if not args.no_browser:
-        print(f"smviz app: http://{'localhost' if args.host in LOCAL_HOSTS else args.host}:{args.port}")
-    env = {**os.environ, "SMVIZ_WORKSPACE": str(workspace)}
-    raise SystemExit(subprocess.call(command, env=env))
+    raise SystemExit(serve_app(args.workspace, port=args.port, host=args.host, announce=not args.no_browser))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,15 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="build the default workspace: world, corpus, tokenizer, a pretrained model, its evaluation",
-        description="Stages already done in the workspace are skipped; an interrupted pretraining resumes.",
+        help="build the default workspace end to end (world, model, statistics, a trace, three finetuning streams) and serve the app",
+        description="Stages already done in the workspace are skipped; interrupted stages resume. The app is served "
+        "on 127.0.0.1 at the end unless --no-app.",
     )
     p.add_argument("--workspace", default="workspace", help="workspace directory (default: ./workspace)")
     p.add_argument("--preset", default="tiny", help="tiny (the default model, ~22 min on 2 CPU cores) or micro (1-2 minutes)")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's pretraining steps")
     p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N")
-    p.add_argument("--json", action="store_true", help="also print the evaluation as JSON")
+    p.add_argument("--no-app", action="store_true", help="do not serve the app at the end (for scripts)")
+    p.add_argument("--port", type=int, default=8501, help="port of the app at the end (127.0.0.1)")
+    p.add_argument("--json", action="store_true", help="also print the evaluation and the streams' summaries as JSON")
     p.set_defaults(run=_cmd_demo)
 
     p = sub.add_parser("app", help="browse a workspace in the Streamlit app (local only unless --host says otherwise)")

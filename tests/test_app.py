@@ -314,8 +314,9 @@ def test_app_command_and_host_warning(monkeypatch, tmp_path, capsys):
     import sys
 
     from smviz import cli
+    from smviz.serve import app_command
 
-    cmd = cli.app_command(str(tmp_path), 8600, "127.0.0.1")
+    cmd = app_command(str(tmp_path), 8600, "127.0.0.1")
     assert cmd[:4] == [sys.executable, "-m", "streamlit", "run"] and cmd[4] == str(APP / "Home.py")
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1" and cmd[cmd.index("--server.port") + 1] == "8600"
     assert cmd[cmd.index("--browser.gatherUsageStats") + 1] == "false" and cmd[cmd.index("--server.headless") + 1] == "true"

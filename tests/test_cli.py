@@ -48,7 +48,7 @@ def test_info_on_altered_model_is_refused(tmp_path, capsys):
 
 def test_micro_demo_runs_and_resumes(tmp_path, capsys):
     ws = tmp_path / "ws"
-    args = ["demo", "--preset", "micro", "--steps", "20", "--workspace", str(ws), "--device", "cpu"]
+    args = ["demo", "--preset", "micro", "--steps", "20", "--workspace", str(ws), "--device", "cpu", "--no-app"]
     assert main(args) == 0
     report = json.loads((ws / "reports" / "pretrain-micro.json").read_text())
     model = MemoryModel.from_pretrained(ws / "models" / "micro")
@@ -58,9 +58,19 @@ def test_micro_demo_runs_and_resumes(tmp_path, capsys):
     losses = [m["loss"] for m in metrics if "loss" in m]
     assert metrics[-1]["step"] == 20 and losses[-1] < math.log(len(model.tokenizer))  # below chance
     capsys.readouterr()
+    # statistics, the trace of the new facts and the three streams are there and name the model
+    from smviz.stats import SlotStats
+    from smviz.trace import Trace
+
+    assert SlotStats.load_for_model(ws / "models" / "micro", model).n_docs == 50
+    assert Trace.load(ws / "traces" / "new-facts").model_hash == model.model_hash
+    for method in ("sparse", "full", "lora"):
+        summary = json.loads((ws / "runs" / method / "summary.json").read_text())
+        assert summary["method"] == method and summary["base_model_hash"] == model.model_hash
     # a second run finds every stage done
     assert main(args) == 0
-    assert capsys.readouterr().out.count("skipped") == 3
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 8 and "smviz app --workspace" in out
 
 
 def test_world_writes_and_refuses_another_world(tmp_path, capsys):
