@@ -32,6 +32,7 @@ bench: install
 	$(OFFLINE) $(VPY) benchmarks/bench_record.py
 	$(OFFLINE) $(VPY) benchmarks/bench_finetune.py
 	$(OFFLINE) $(VPY) benchmarks/bench_entities.py
+	$(OFFLINE) $(VPY) benchmarks/bench_app.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache
