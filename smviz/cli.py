@@ -176,6 +176,22 @@ def _cmd_stats(args: argparse.Namespace) -> None:
         print(f"wrote {out}\n{format_usage(stats)}")
 
 
+def _cmd_report(args: argparse.Namespace) -> None:
+    from smviz.report import build_diff_report, build_run_report, output_paths, render_html, render_md, write_report
+    from smviz.report._util import check_out_dir
+
+    output_paths(args.out, args.format)  # bad --out / --format fail before any work
+    check_out_dir(args.out)
+    if args.report == "diff":
+        report = build_diff_report(args.before, args.after, args.facts, args.known, heldout_path=args.heldout,
+                                   run_dir=args.run_dir, top_slots=args.top_slots)
+    else:
+        report = build_run_report(args.runs)
+    document = render_html(report) if args.format == "html" else render_md(report)
+    doc, js = write_report(report, document, args.out, args.format)
+    print(json.dumps({"report": str(doc), "json": str(js)}) if args.json else f"wrote {doc} and {js}")
+
+
 def _cmd_app(args: argparse.Namespace) -> None:
     from smviz.serve import serve_app
 
@@ -328,6 +344,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8501, help="port of the app at the end (127.0.0.1)")
     p.add_argument("--json", action="store_true", help="also print the evaluation and the streams' summaries as JSON")
     p.set_defaults(run=_cmd_demo)
+
+    p = sub.add_parser("report", help="self-contained HTML (or Markdown) + JSON reports of a checkpoint diff or finetuning runs")
+    rsub = p.add_subparsers(dest="report", required=True, metavar="REPORT")
+    for name, help_ in (("diff", "compare two checkpoints of one model on new facts, known facts and their memory"),
+                        ("run", "learning/forgetting curves and selected-slot dynamics of one or more finetuning runs")):
+        r = rsub.add_parser(name, help=help_)
+        if name == "diff":
+            r.add_argument("--before", required=True, help="model directory before the update")
+            r.add_argument("--after", required=True, help="model directory after the update (e.g. WS/runs/NAME/model)")
+            r.add_argument("--facts", required=True, help="the new facts (JSONL): learning, per-fact table, probe set")
+            r.add_argument("--known", required=True, help="known facts (JSONL): forgetting")
+            r.add_argument("--heldout", default=None, help="held-out corpus (JSONL) for NLL before/after (optional)")
+            r.add_argument("--run", dest="run_dir", default=None, help="the finetuning run that made --after, for the audit "
+                                                      "(default: the parent of --after when it is a run of --before)")
+            r.add_argument("--top-slots", type=int, default=5, help="changed slots shown with contexts (default 5)")
+        else:
+            r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run directories; several: side by side")
+        r.add_argument("--out", required=True, help="report file, e.g. report.html (report.json is written beside it)")
+        r.add_argument("--format", default="html", choices=["html", "md"], help="html (default, self-contained) or md")
+        r.add_argument("--json", action="store_true", help="print the written paths as JSON")
+        r.set_defaults(run=_cmd_report)
 
     p = sub.add_parser("app", help="browse a workspace in the Streamlit app (local only unless --host says otherwise)")
     p.add_argument("--workspace", default="workspace", help="workspace directory to browse (default: ./workspace)")
