@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from smviz.data.facts import read_facts, write_facts
 from smviz.data.world import WorldConfig
 from smviz.device import resolve_device, seed_everything
 from smviz.errors import TraceError
@@ -28,6 +29,7 @@ from smviz.pipeline import (
     run_pretraining,
 )
 from smviz.record import read_documents, record_texts
+from smviz.report import build_diff_report, build_run_report, render_html, write_report
 from smviz.serve import serve_app
 from smviz.stats import STATS_FILE, SlotStats, SlotStatsError, background_stats
 from smviz.trace import Trace
@@ -51,9 +53,9 @@ TRACE_NAME = "new-facts"
 # About how long each stage takes on 2 CPU cores (measured; shown before the stage runs).
 ESTIMATES = {
     "tiny": {"data": "10 s", "pretrain": "22 min", "evaluate": "1 min", "stats": "5-6 min", "trace": "30 s",
-             "sparse": "1 min", "full": "2 min", "lora": "1 min"},
+             "sparse": "1 min", "full": "2 min", "lora": "1 min", "reports": "2 min"},
     "micro": {"data": "10 s", "pretrain": "1 min", "evaluate": "20 s", "stats": "5 s", "trace": "5 s",
-              "sparse": "10 s", "full": "10 s", "lora": "10 s"},
+              "sparse": "10 s", "full": "10 s", "lora": "10 s", "reports": "15 s"},
 }
 
 
@@ -75,7 +77,7 @@ def run_demo(
     seed_everything(config.seed)
     name = preset
     estimate = ESTIMATES.get(preset, {})
-    stages = 5 + len(DEMO_METHODS)
+    stages = 6 + len(DEMO_METHODS)
 
     def stage(i: int, key: str, what: str) -> float:
         say(f"[{i}/{stages}] {what}" + (f" (about {estimate[key]})" if key in estimate else ""))
@@ -127,12 +129,13 @@ def run_demo(
         m = summary["metrics"]
         say(f"      {time.perf_counter() - t0:.0f}s: learned EM {m['learning_em']['end']:.3f}, known-fact EM "
             f"{m['known_em']['start']:.3f} → {m['known_em']['end']:.3f}, held-out NLL {m['heldout_nll']['change']:+.3f}")
+    reports = _reports(ws, model_dir, stream["max_facts"], stage, say, stages)
     if app:
         say(f"serving the app for {ws.root} (Ctrl-C stops it)")
         serve_app(ws.root, port=port)
     else:
         say(f"browse it with: smviz app --workspace {ws.root}")
-    return {"evaluation": result, "runs": summaries}
+    return {"evaluation": result, "runs": summaries, "reports": reports}
 
 
 def _background_stats(ws: Workspace, model_dir, model: MemoryModel, preset: str, dev, stage, say, stages: int) -> None:
@@ -161,3 +164,23 @@ def _trace_new_facts(ws: Workspace, model: MemoryModel, stage, say, stages: int)
     docs, source = read_documents(ws.data / "facts-new.jsonl")
     trace = record_texts(model, docs, path, source=source, force=path.exists())
     say(f"      done in {time.perf_counter() - t0:.0f}s → {path} ({trace.n_tokens:,} tokens, {trace.n_accesses:,} reads)")
+
+
+def _reports(ws: Workspace, model_dir, n_facts: int, stage, say, stages: int) -> dict[str, str]:
+    """The diff report of the sparse stream (base model → its finetuned model, on the stream's facts)
+    and the run report of the three streams side by side, in WS/reports/."""
+    diff_html, runs_html = ws.reports / "diff-sparse.html", ws.reports / "runs.html"
+    paths = {"diff": str(diff_html), "runs": str(runs_html)}
+    if diff_html.is_file() and runs_html.is_file():
+        say(f"[{stages}/{stages}] reports already in {ws.reports} — skipped")
+        return paths
+    t0 = stage(stages, "reports", "a diff report of the sparse stream and a run report of all three")
+    stream_facts = ws.reports / "stream-facts.jsonl"
+    write_facts(stream_facts, read_facts(ws.data / "facts-new.jsonl")[:n_facts])
+    diff = build_diff_report(model_dir, ws.run("sparse") / "model", stream_facts, ws.data / "facts-known.jsonl",
+                             heldout_path=ws.data / "corpus-heldout.jsonl", run_dir=ws.run("sparse"))
+    write_report(diff, render_html(diff), diff_html, "html")
+    runs = build_run_report([ws.run(m) for m in DEMO_METHODS])
+    write_report(runs, render_html(runs), runs_html, "html")
+    say(f"      done in {time.perf_counter() - t0:.0f}s → {diff_html}, {runs_html} (numbers in the .json beside each)")
+    return paths

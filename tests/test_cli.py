@@ -67,10 +67,14 @@ def test_micro_demo_runs_and_resumes(tmp_path, capsys):
     for method in ("sparse", "full", "lora"):
         summary = json.loads((ws / "runs" / method / "summary.json").read_text())
         assert summary["method"] == method and summary["base_model_hash"] == model.model_hash
+    diff = json.loads((ws / "reports" / "diff-sparse.json").read_text())
+    assert diff["kind"] == "diff" and diff["model_hashes"]["before"] == model.model_hash
+    assert diff["memory"]["violations"] == 0
+    assert json.loads((ws / "reports" / "runs.json").read_text())["kind"] == "run"
     # a second run finds every stage done
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("skipped") == 8 and "smviz app --workspace" in out
+    assert out.count("skipped") == 9 and "smviz app --workspace" in out
 
 
 def test_world_writes_and_refuses_another_world(tmp_path, capsys):
