@@ -52,8 +52,8 @@ DEMO_METHODS = ("sparse", "full", "lora")
 TRACE_NAME = "new-facts"
 # About how long each stage takes on 2 CPU cores (measured; shown before the stage runs).
 ESTIMATES = {
-    "tiny": {"data": "10 s", "pretrain": "22 min", "evaluate": "1 min", "stats": "5-6 min", "trace": "30 s",
-             "sparse": "1 min", "full": "2 min", "lora": "1 min", "reports": "2 min"},
+    "tiny": {"data": "10 s", "pretrain": "20 min", "evaluate": "80 s", "stats": "2-5 min", "trace": "20 s",
+             "sparse": "20 s", "full": "45 s", "lora": "25 s", "reports": "20 s"},
     "micro": {"data": "10 s", "pretrain": "1 min", "evaluate": "20 s", "stats": "5 s", "trace": "5 s",
               "sparse": "10 s", "full": "10 s", "lora": "10 s", "reports": "15 s"},
 }
