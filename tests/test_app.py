@@ -18,35 +18,12 @@ XSS = "<script>alert(1)</script>"
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from smviz.data.tokenizer import train_tokenizer
-    from smviz.data.world import WorldConfig
-    from smviz.model import MemoryModel
-    from smviz.pipeline import build_data, load_data, run_finetune
-    from smviz.record import read_documents, record_texts
-    from smviz.stats import background_stats
-    from smviz.train.finetune import FinetuneConfig
-    from smviz.workspace import Workspace
+    from micro_workspace import build_micro_workspace, record
 
-    ws = Workspace(tmp_path_factory.mktemp("app") / "ws")
-    build_data(ws.data, WorldConfig(n_known=4, n_bio_only=1, n_new=3))
-    data = load_data(ws.data)
-    texts = [a.text for a in data.corpus_train[:200]] + data.training_world_texts(copies=4, seed=0)
-    model = MemoryModel.from_preset("micro", seed=0, vocab_size=512)
-    model.tokenizer = train_tokenizer(texts, vocab_size=512)
-    model.save_pretrained(ws.model("micro"))
-    model = MemoryModel.from_pretrained(ws.model("micro"))
-    background_stats(ws, ws.model("micro"), n_batches=20, batch_size=8, seq_len=64, progress=False)
-    docs, source = read_documents(ws.data / "facts-new.jsonl")
-    record_texts(model, docs, ws.trace("new"), source=source, progress=False)
+    ws = build_micro_workspace(tmp_path_factory.mktemp("app") / "ws")
     hostile = ws.root / "hostile.jsonl"
     hostile.write_text(json.dumps({"id": "x0", "text": " ".join([XSS] * 4)}) + "\n")
-    docs, source = read_documents(hostile)
-    record_texts(model, docs, ws.trace("xss"), source=source, progress=False)
-    for method in ("sparse", "full"):
-        config = FinetuneConfig(method=method, top_t=16, batch_size=4, steps_per_fact=2, eval_every=2)
-        run_finetune(ws.model("micro"), ws.run(method), config, facts=ws.data / "facts-new.jsonl",
-                     known=ws.data / "facts-known.jsonl", heldout=ws.data / "corpus-heldout.jsonl",
-                     max_facts=3, known_facts=4, heldout_rows=2, progress=False)
+    record(ws, hostile, "xss")
     return ws
 
 

@@ -46,28 +46,11 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """The walkthrough's micro workspace: world, micro model + small tokenizer, its background slot
-    statistics beside it, and the new facts recorded into WS/traces/new (no run: the Slot page needs none)."""
-    from smviz.data.tokenizer import train_tokenizer
-    from smviz.data.world import WorldConfig
-    from smviz.model import MemoryModel
-    from smviz.pipeline import build_data, load_data
-    from smviz.record import read_documents, record_texts
-    from smviz.stats import background_stats
-    from smviz.workspace import Workspace
+    """The shared micro workspace with the new facts recorded into WS/traces/new (no run: the Slot
+    page needs none)."""
+    from micro_workspace import build_micro_workspace
 
-    ws = Workspace(tmp_path_factory.mktemp("app") / "ws")
-    build_data(ws.data, WorldConfig(n_known=4, n_bio_only=1, n_new=3))
-    data = load_data(ws.data)
-    texts = [a.text for a in data.corpus_train[:200]] + data.training_world_texts(copies=4, seed=0)
-    model = MemoryModel.from_preset("micro", seed=0, vocab_size=512)
-    model.tokenizer = train_tokenizer(texts, vocab_size=512)
-    model.save_pretrained(ws.model("micro"))
-    model = MemoryModel.from_pretrained(ws.model("micro"))
-    background_stats(ws, ws.model("micro"), n_batches=4, batch_size=8, seq_len=64, progress=False)
-    docs, source = read_documents(ws.data / "facts-new.jsonl")
-    record_texts(model, docs, ws.trace("new"), source=source, progress=False)
-    return ws
+    return build_micro_workspace(tmp_path_factory.mktemp("app") / "ws", stats_batches=4, runs=())
 
 
 @pytest.fixture(scope="module")

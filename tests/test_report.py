@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -15,28 +14,9 @@ from smviz.cli import main
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from smviz.data.tokenizer import train_tokenizer
-    from smviz.data.world import WorldConfig
-    from smviz.model import MemoryModel
-    from smviz.pipeline import build_data, load_data, run_finetune
-    from smviz.stats import background_stats
-    from smviz.train.finetune import FinetuneConfig
-    from smviz.workspace import Workspace
+    from micro_workspace import build_micro_workspace
 
-    ws = Workspace(tmp_path_factory.mktemp("report") / "ws")
-    build_data(ws.data, WorldConfig(n_known=4, n_bio_only=1, n_new=3))
-    data = load_data(ws.data)
-    texts = [a.text for a in data.corpus_train[:200]] + data.training_world_texts(copies=4, seed=0)
-    model = MemoryModel.from_preset("micro", seed=0, vocab_size=512)
-    model.tokenizer = train_tokenizer(texts, vocab_size=512)
-    model.save_pretrained(ws.model("micro"))
-    background_stats(ws, ws.model("micro"), n_batches=10, batch_size=8, seq_len=64, progress=False)
-    for method in ("sparse", "full"):
-        config = FinetuneConfig(method=method, top_t=16, batch_size=4, steps_per_fact=2, eval_every=2)
-        run_finetune(ws.model("micro"), ws.run(method), config, facts=ws.data / "facts-new.jsonl",
-                     known=ws.data / "facts-known.jsonl", heldout=ws.data / "corpus-heldout.jsonl",
-                     max_facts=3, known_facts=4, heldout_rows=2, progress=False)
-    return ws
+    return build_micro_workspace(tmp_path_factory.mktemp("report") / "ws", stats_batches=10, trace=False)
 
 
 def _diff_args(ws, out, facts=None, fmt="html"):
