@@ -81,21 +81,16 @@ import copy
 import datetime as _dt
 import gc
 import logging
-import math
 import platform
-import random
 import resource
-import statistics
 import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from _bench import cpu_name, write_result  # noqa: E402 (run as a script from benchmarks/)
+from _bench import Case, cpu_name, log, measure, paired_ratio, write_result  # noqa: E402 (run as a script from benchmarks/)
 
 from smviz.data.corpus import load_articles
 from smviz.data.tokenizer import train_tokenizer
@@ -129,74 +124,7 @@ GOAL_PCT = 5.0
 GOALS = {f"selection_share_pct_2^{e}": ("<", GOAL_PCT, f"batch_counts + RowSelector.select / sparse SGD step at N = 2^{e}, "
                                         + "stream batch (16 paraphrases)") for e in (16, 20)}
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------- timing
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@dataclass
-class Case:
-    key: str
-    what: str
-    fn: Callable[[], None]
-    setup: Callable[[], None] | None = None  # run before each timed step, outside the clock
-    heavy: bool = False  # one step per round, no inner-loop calibration
-    inner: int = 1
-    times: list[float] = field(default_factory=list)  # seconds per step, one per round
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times)
-
-
-def measure(cases: list[Case], *, device: torch.device, warmup: int, rounds: int, target_s: float, label: str) -> None:
-    """Warm up every case, calibrate an inner loop for cheap ones (so a round spans `target_s`), then
-    time `rounds` interleaved rounds, each in a new random order (synchronised around every timing)."""
-    for c in cases:
-        for _ in range(warmup):
-            if c.setup:
-                c.setup()
-            c.fn()
-        _sync(device)
-        if not c.heavy:
-            if c.setup:
-                c.setup()
-            t = time.perf_counter()
-            c.fn()
-            _sync(device)
-            dt = time.perf_counter() - t
-            c.inner = max(1, min(1000, math.ceil(target_s / max(dt, 1e-6))))
-    t0 = time.perf_counter()
-    rng = random.Random(0)
-    for r in range(rounds):
-        order = list(cases)
-        rng.shuffle(order)
-        for c in order:
-            if c.setup:
-                c.setup()
-            gc.collect()
-            _sync(device)
-            t = time.perf_counter()
-            for _ in range(c.inner):
-                c.fn()
-            _sync(device)
-            c.times.append((time.perf_counter() - t) / c.inner)
-        log(f"  [{label}] round {r + 1}/{rounds} done ({time.perf_counter() - t0:.1f}s)")
-
-
-def paired_ratio(num: Case, den: Case) -> dict:
-    """Ratio of medians, plus the median of the per-round ratios."""
-    per_round = [a / b for a, b in zip(num.times, den.times)]
-    return {"ratio": num.median / den.median, "median_of_round_ratios": statistics.median(per_round)}
-
 
 def case_info(c: Case) -> dict:
     return {"median_ms": c.median * 1e3, "rounds": len(c.times), "steps_per_round": c.inner,
@@ -384,13 +312,13 @@ def batch_group(n_exp: int, bname: str, batch: dict[str, torch.Tensor], base: Me
         with table.train_rows():
             table.choose_rows(ref.rows)
 
-    cases = {k: Case(k, f"step: {METHODS[k][2]}", step_of(tr)) for k, tr in trainers.items()}
-    cases["count+select"] = Case("count+select", "selection: batch_counts + RowSelector.select", count_select)
-    cases["count"] = Case("count", "  part: batch_counts", count_only)
-    cases["tfidf"] = Case("tfidf", "  part: tfidf() over all N slots", tfidf_only)
-    cases["select"] = Case("select", "  part: RowSelector.select on ready counts", select_only)
-    cases["choose_rows"] = Case("choose_rows", f"  after: ValueTable.choose_rows({len(ref.rows)} rows)", choose)
-    cases["count+suggested"] = Case("count+suggested", "suggested: batch_counts + idf once, topk", count_suggested)
+    cases = {k: Case(f"step: {METHODS[k][2]}", step_of(tr), key=k) for k, tr in trainers.items()}
+    cases["count+select"] = Case("selection: batch_counts + RowSelector.select", count_select, key="count+select")
+    cases["count"] = Case("  part: batch_counts", count_only, key="count")
+    cases["tfidf"] = Case("  part: tfidf() over all N slots", tfidf_only, key="tfidf")
+    cases["select"] = Case("  part: RowSelector.select on ready counts", select_only, key="select")
+    cases["choose_rows"] = Case(f"  after: ValueTable.choose_rows({len(ref.rows)} rows)", choose, key="choose_rows")
+    cases["count+suggested"] = Case("suggested: batch_counts + idf once, topk", count_suggested, key="count+suggested")
     rounds = args.rounds if bname == "stream" else args.rounds_large
     measure(list(cases.values()), device=device, warmup=args.warmup, rounds=rounds, target_s=args.target_s,
             label=f"N={n} {label}")
@@ -512,7 +440,7 @@ def section_adamw_growth(args, device: torch.device) -> tuple[list[dict], dict]:
                 opt.step(weight, rows, grad)
 
             what = f"RowAdamW.step, {t} {'new' if fresh else 'held'} rows, state holds {r:,} rows"
-            cases.append(Case(f"{r}-{'new' if fresh else 'held'}", what, step, setup=setup, heavy=True))
+            cases.append(Case(what, step, setup=setup, heavy=True, key=f"{r}-{'new' if fresh else 'held'}"))
     measure(cases, device=device, warmup=1, rounds=args.growth_rounds, target_s=args.target_s, label="RowAdamW growth")
     out = {c.key: case_info(c) | {"what": c.what} for c in cases}
     base = cases[0].median

@@ -78,7 +78,6 @@ import gc
 import math
 import os
 import platform
-import random
 import resource
 import shutil
 import statistics
@@ -86,14 +85,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from _bench import cpu_name, write_result  # noqa: E402 (run as a script from benchmarks/)
+from _bench import Case, cpu_name, log, measure, paired_ratio, write_result  # noqa: E402 (run as a script from benchmarks/)
 
 from smviz.data.corpus import load_articles
 from smviz.data.world import WorldConfig
@@ -123,66 +121,7 @@ GOALS = {
     "contexts_p95_ms": ("<", 50.0, "SlotIndex.contexts(slot, n=20, window=8), p95 over random slots with reads"),
 }
 
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------- timing
-
-
-@dataclass
-class Case:
-    what: str
-    fn: Callable[[], None]
-    setup: Callable[[], None] | None = None  # run before each timed step, outside the clock (heavy cases)
-    heavy: bool = False  # one step per round, no inner-loop calibration
-    inner: int = 1
-    times: list[float] = field(default_factory=list)  # seconds per step, one per round
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times)
-
-
-def measure(cases: list[Case], *, warmup: int, rounds: int, target_s: float, label: str) -> None:
-    """Warm up every case, calibrate an inner loop for cheap ones (so a round spans `target_s`), then
-    time `rounds` interleaved rounds, each in a new random order."""
-    for c in cases:
-        for _ in range(warmup):
-            if c.setup:
-                c.setup()
-            c.fn()
-        if not c.heavy:
-            t = time.perf_counter()
-            c.fn()
-            dt = time.perf_counter() - t
-            c.inner = max(1, min(1000, math.ceil(target_s / max(dt, 1e-6))))
-    t0 = time.perf_counter()
-    rng = random.Random(0)
-    for r in range(rounds):
-        order = list(cases)
-        rng.shuffle(order)
-        for c in order:
-            if c.setup:
-                c.setup()
-            gc.collect()
-            t = time.perf_counter()
-            for _ in range(c.inner):
-                c.fn()
-            c.times.append((time.perf_counter() - t) / c.inner)
-        log(f"  [{label}] round {r + 1}/{rounds} done ({time.perf_counter() - t0:.1f}s)")
-
-
-def paired_ratio(num: Case, den: Case) -> dict:
-    """Ratio of medians, plus the median and spread of the per-round ratios."""
-    per_round = [a / b for a, b in zip(num.times, den.times)]
-    return {
-        "ratio": num.median / den.median,
-        "median_of_round_ratios": statistics.median(per_round),
-        "round_ratios": per_round,
-    }
-
 
 def quantiles_ms(seconds: list[float]) -> dict:
     ms = np.asarray(seconds) * 1e3
