@@ -94,8 +94,8 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
     summary = run_finetune(
         args.model, args.out, config, facts=args.facts or ws.data / "facts-new.jsonl",
         known=args.known or ws.data / "facts-known.jsonl", heldout=args.heldout or ws.data / "corpus-heldout.jsonl",
-        max_facts=args.max_facts, known_facts=args.known_facts, heldout_rows=args.heldout_rows,
-        device=resolve_device(args.device),
+        max_facts=args.max_facts, first_fact=args.first_fact, background=args.background,
+        known_facts=args.known_facts, heldout_rows=args.heldout_rows, device=resolve_device(args.device),
     )
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -318,7 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--composition", default=None, help=f"statements (the paper) or statements+qa (default {d.composition})")
     p.add_argument("--eval-every", type=int, default=None, help=f"steps between evaluations (default {d.eval_every})")
     p.add_argument("--facts", default=None, help="the stream's facts (default WS/data/facts-new.jsonl)")
-    p.add_argument("--max-facts", type=int, default=None, help="use the first N facts of --facts")
+    p.add_argument("--max-facts", type=int, default=None, help="use N facts of --facts (from --first-fact on)")
+    p.add_argument("--first-fact", type=int, default=0, help="number of the stream's first fact in --facts (default 0)")
+    p.add_argument("--background", default="pretraining", choices=["pretraining", "stream"],
+                   help="what sparse ranks slots against: the model's slot_stats.safetensors (default) or the stream's own batches")
     p.add_argument("--known", default=None, help="known facts for forgetting (default WS/data/facts-known.jsonl)")
     p.add_argument("--known-facts", type=int, default=100, help="how many known facts are asked")
     p.add_argument("--heldout", default=None, help="held-out corpus for NLL (default WS/data/corpus-heldout.jsonl)")

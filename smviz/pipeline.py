@@ -176,6 +176,8 @@ def run_finetune(
     known: str | os.PathLike,
     heldout: str | os.PathLike,
     max_facts: int | None = None,
+    first_fact: int = 0,
+    background: str = "pretraining",
     known_facts: int = 100,
     heldout_rows: int = 64,
     seq_len: int = 128,
@@ -183,24 +185,31 @@ def run_finetune(
     progress: bool = True,
     stop_after: int | None = None,
 ) -> dict[str, Any] | None:
-    """Finetune the model in `model_dir` on the stream in `facts` (its first `max_facts` facts) into
-    `run_dir`, evaluating on the first `known_facts` facts of `known` and `heldout_rows` rows of
-    `seq_len` tokens of the corpus file `heldout`. Every input is read and checked before anything is
-    written."""
+    """Finetune the model in `model_dir` on the stream in `facts` (`max_facts` facts from number
+    `first_fact` on) into `run_dir`, evaluating on the first `known_facts` facts of `known` and
+    `heldout_rows` rows of `seq_len` tokens of the corpus file `heldout`. Sparse methods rank against
+    the model's background statistics (`background="pretraining"`: its slot_stats.safetensors) or
+    against the stream's own batches (`"stream"`, the paper's Fig. 7 ablation). Every input is read
+    and checked before anything is written."""
     import hashlib
 
     from smviz.data.facts import read_facts
     from smviz.stats import STATS_FILE, SlotStats
     from smviz.train.finetune import EvalSets, finetune
-    from smviz.train.stream import FactStream
+    from smviz.train.stream import BACKGROUNDS, FactStream, stream_stats
 
     config = config.resolved()
+    if background not in BACKGROUNDS:
+        raise SmvizError(f"unknown background {background!r}; choose one of {', '.join(BACKGROUNDS)}")
+    if first_fact < 0:
+        raise SmvizError(f"first_fact must be >= 0, got {first_fact}")
     for name, value in (("max_facts", max_facts), ("known_facts", known_facts), ("heldout_rows", heldout_rows), ("seq_len", seq_len)):
         if value is not None and value < 1:
             raise SmvizError(f"{name} must be >= 1, got {value}")
-    stream_facts = read_facts(facts)[:max_facts]
+    all_facts = read_facts(facts)
+    stream_facts = all_facts[first_fact:][:max_facts]
     if not stream_facts:
-        raise SmvizError(f"{facts} holds no facts; the stream needs at least one")
+        raise SmvizError(f"{facts} holds {len(all_facts)} facts, none from number {first_fact} on; the stream needs at least one")
     known_list = read_facts(known)[:known_facts]
     if not known_list:
         raise SmvizError(f"{known} holds no facts; forgetting is measured on known facts")
@@ -208,9 +217,6 @@ def run_finetune(
     model = MemoryModel.from_pretrained(model_dir, device=device)
     if model.tokenizer is None:
         raise SmvizError(f"{model_dir} holds no tokenizer")
-    stats = None
-    if config.sparse and (Path(model_dir) / STATS_FILE).is_file():
-        stats = SlotStats.load_for_model(model_dir, model)
     rows = pack_documents(model.tokenizer, [a.text for a in articles], seq_len)[:heldout_rows]
     if len(rows) == 0:
         raise SmvizError(f"{heldout} holds too little text for one row of {seq_len} tokens")
@@ -222,5 +228,10 @@ def run_finetune(
     sets = EvalSets(stream_facts, known_list, rows,
                     sources={"facts": source(facts), "known": source(known), "heldout": source(heldout)})
     stream = FactStream(stream_facts, model.tokenizer, config.batch_size, config.steps_per_fact, config.composition, config.seed)
+    stats = None
+    if config.sparse and background == "stream":
+        stats = stream_stats(model, stream)
+    elif config.sparse and (Path(model_dir) / STATS_FILE).is_file():
+        stats = SlotStats.load_for_model(model_dir, model)
     return finetune(model, stream, config=config, run_dir=run_dir, eval_sets=sets, stats=stats, progress=progress,
                     stop_after=stop_after)

@@ -17,9 +17,9 @@ from smviz.workspace import Workspace
 
 
 def build_micro_workspace(root: Path, *, stats_batches: int = 20, trace: bool = True,
-                          runs: tuple[str, ...] = ("sparse", "full")) -> Workspace:
+                          runs: tuple[str, ...] = ("sparse", "full"), n_new: int = 3) -> Workspace:
     ws = Workspace(root)
-    build_data(ws.data, WorldConfig(n_known=4, n_bio_only=1, n_new=3))
+    build_data(ws.data, WorldConfig(n_known=4, n_bio_only=1, n_new=n_new))
     data = load_data(ws.data)
     texts = [a.text for a in data.corpus_train[:200]] + data.training_world_texts(copies=4, seed=0)
     model = MemoryModel.from_preset("micro", seed=0, vocab_size=512)

@@ -22,6 +22,9 @@ from smviz.errors import ConfigError
 from smviz.train.data import IGNORE_INDEX
 
 COMPOSITIONS = ("statements", "statements+qa")
+# what sparse finetuning ranks a batch's slots against: the model's pretraining statistics (the paper's
+# default) or the stream's own batches (its Fig. 7 ablation)
+BACKGROUNDS = ("pretraining", "stream")
 
 
 @dataclass
@@ -81,3 +84,14 @@ class FactStream:
             ids[i, : len(r)] = torch.tensor(r)
             mask[i, : len(r)] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)}
+
+
+def stream_stats(model: Any, stream: FactStream) -> Any:
+    """Background statistics of the stream's own batches, one document per step (batch unit): what
+    the paper's Fig. 7 ranks against in place of pretraining data. Deterministic: the batches are."""
+    from smviz.stats import collect_stats
+
+    protocol = {"source": "stream", "facts": len(stream.facts), "batch_size": stream.batch_size,
+                "steps_per_fact": stream.steps_per_fact, "composition": stream.composition, "seed": stream.seed}
+    batches = (stream.batch(step) for step in range(len(stream)))
+    return collect_stats(model, batches, unit="batch", protocol=protocol)
