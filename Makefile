@@ -6,8 +6,9 @@ OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+STUDY_ARGS ?=
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo study bench clean
 
 # torch is installed first with an exact pin so pip takes the local CPU wheel
 # instead of resolving a multi-GB CUDA build.
@@ -26,6 +27,10 @@ test: install
 
 demo: install
 	$(OFFLINE) $(VENV)/bin/smviz demo $(DEMO_ARGS)
+
+# the paper-reproduction study on the demo's workspace (make demo first); STUDY_ARGS=--quick: ~10 min
+study: install
+	$(OFFLINE) $(VPY) analyses/continual_facts.py --workspace workspace $(STUDY_ARGS)
 
 bench: install
 	$(VPY) benchmarks/bench_memory.py

@@ -18,7 +18,8 @@ Matched learning: forgetting where each run's stream EM (the held-out questions 
 first reaches a level, interpolated linearly between evaluations; the headline level is the highest
 that every run of the three chosen settings reaches.
 
-Writes into --out: continual_facts.json (every run's end metrics and curve, aggregates, the choices,
+Writes into --out (default analyses/results, committed; --quick: analyses/results/quick, ignored by git):
+continual_facts.json (every run's end metrics and curve, aggregates, the choices,
 the command, model hash and protocol), continual_facts.md (the tables), continual_facts_curves.png
 (Fig. 3-style) and continual_facts_pareto.png (Fig. 5-style). Run directories go to --runs (default
 WS/continual); an interrupted study resumes where it stopped (finished runs are read back, the
@@ -458,7 +459,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workspace", default="workspace", help="workspace built by `make demo` (its data/ and models/tiny)")
     p.add_argument("--model", default=None, help="model directory with slot_stats.safetensors (default WS/models/tiny)")
     p.add_argument("--quick", action="store_true", help="2 seeds x 6 facts, short grids (~10 min on 2 CPU cores)")
-    p.add_argument("--out", default="analyses/results", help="where the results go (default analyses/results)")
+    p.add_argument("--out", default=None, help="where the results go (default analyses/results; --quick: analyses/results/quick)")
     p.add_argument("--runs", default=None, help="run directories (default WS/continual, or WS/continual-quick with --quick)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, --quick 2)")
     p.add_argument("--facts", type=int, default=None, help="new facts per seed (default 20, --quick 6)")
@@ -492,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     from smviz.device import resolve_device
 
     args.device = resolve_device(args.device)
+    if args.out is None:
+        args.out = "analyses/results/quick" if args.quick else "analyses/results"
     if args.runs is None:
         args.runs = str(Path(args.workspace) / ("continual-quick" if args.quick else "continual"))
     command = "python analyses/continual_facts.py " + shlex.join(sys.argv[1:] if argv is None else argv)

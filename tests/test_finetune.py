@@ -626,6 +626,20 @@ def test_cli_bad_input_exits_2_and_writes_nothing(ws, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["inputs"]
 
 
+def test_cli_stream_slice_and_stream_background(ws, tmp_path, capsys):
+    from smviz.data.facts import read_facts
+
+    out = tmp_path / "slice"
+    assert main(cli_args(ws, out, "--first-fact", "1", "--background", "stream", "--json")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    identity = json.loads((out / "config.json").read_text())
+    assert identity["stream"]["facts"] == [f.id for f in read_facts(ws.data / "facts-new.jsonl")[1:4]]
+    assert identity["stats"]["protocol"]["source"] == "stream" and identity["stats"]["protocol"]["n_batches"] == summary["steps"]
+    bad = tmp_path / "bad"
+    assert main(cli_args(ws, bad, "--first-fact", "999")) == 2
+    assert "none from number 999 on" in capsys.readouterr().err and not bad.exists()
+
+
 def test_row_adamw_state_grows_without_changing_results():
     """3 steps of 800 new rows each outgrow the first 1,024-row buffers twice: the weights must equal
     an optimizer whose buffers never grew, and a state_dict round trip must continue identically."""
