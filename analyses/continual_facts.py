@@ -11,9 +11,9 @@ Seed s learns its own slice of the world's new facts (facts s·F … s·F+F-1) w
 so seeds differ in data as well as in order. Stages, every one over all seeds:
   1. sweep   sparse (SGD), full (AdamW), LoRA (AdamW) over a learning-rate grid each; each method's
              setting is the rate with the best mean learning exact match (ties: less forgetting)
-  2. ablations at sparse's chosen rate: AdamW for sparse (its own rate grid); TF-IDF vs tf-only vs
-             random-t vs memory-all; t over a grid; background statistics from pretraining vs from the
-             stream's own batches (Fig. 7)
+  2. ablations: AdamW for sparse (its own rate grid); then at sparse's chosen rate and at lr 1000
+             (the default, where sparse forgets little): TF-IDF vs tf-only vs random-t vs memory-all;
+             t over a grid; background statistics from pretraining vs the stream's own batches (Fig. 7)
 Matched learning: forgetting where each run's stream EM (the held-out questions of the whole stream)
 first reaches a level, interpolated linearly between evaluations; the headline level is the highest
 that every run of the three chosen settings reaches.
@@ -70,15 +70,16 @@ class Plan:
     top_t: int
     t_values: tuple[int, ...]
     background_t: tuple[int, ...]
+    ablation_lrs: tuple[float, ...]  # sparse SGD rates the row ablations also run at, beside the chosen one
 
 
 FULL = Plan(seeds=(0, 1, 2), facts=20, eval_every=25,
             lrs={"sparse": (300.0, 1000.0, 3000.0, 10000.0), "sparse-adamw": (0.03, 0.1, 0.3),
                  "full": (2e-5, 5e-5, 1e-4), "lora": (1e-4, 3e-4, 1e-3)},
-            top_t=500, t_values=(25, 50, 100, 200, 500, 1000), background_t=(25, 500))
+            top_t=500, t_values=(25, 50, 100, 200, 500, 1000), background_t=(25, 500), ablation_lrs=(1000.0,))
 QUICK = Plan(seeds=(0, 1), facts=6, eval_every=10,
              lrs={"sparse": (1000.0, 3000.0), "sparse-adamw": (0.1,), "full": (5e-5, 1e-4), "lora": (3e-4, 1e-3)},
-             top_t=500, t_values=(50, 500), background_t=(500,))
+             top_t=500, t_values=(50, 500), background_t=(500,), ablation_lrs=(1000.0,))
 
 
 @dataclass(frozen=True)
@@ -242,16 +243,24 @@ def run_study(study: Study) -> dict[str, Any]:
         sweep[method] = [study.run(Setting("sweep", method, method, optimizer, lr, plan.top_t)) for lr in plan.lrs[method]]
     chosen = {method: best(entries) for method, entries in sweep.items()}
     sparse_lr = chosen["sparse"]["setting"]["lr"]
-    base = Setting("sweep", "sparse", "sparse", "sgd", sparse_lr, plan.top_t)
 
-    print(f"2. ablations at sparse lr {sparse_lr:g}", flush=True)
+    print("2. ablations", flush=True)
     adamw = [study.run(Setting("optimizer", "sparse-adamw", "sparse", "adamw", lr, plan.top_t)) for lr in plan.lrs["sparse-adamw"]]
-    selection = [study.run(replace(base, group="selection", family=m, method=m)) for m in ("tf-only", "random-t", "memory-all")]
-    t_sweep = [study.run(replace(base, group="t", family="t", top_t=t)) for t in plan.t_values]
-    background = []
-    for t in plan.background_t:
-        background.append((study.run(replace(base, group="t", family="t", top_t=t)),
-                           study.run(replace(base, group="background", family="background", top_t=t, background="stream"))))
+    by_lr = []
+    for lr in dict.fromkeys((sparse_lr, *plan.ablation_lrs)):  # the chosen rate first, then the others
+        base = Setting("sweep", "sparse", "sparse", "sgd", lr, plan.top_t)
+        selection = [study.run(replace(base, group="selection", family=m, method=m)) for m in ("tf-only", "random-t", "memory-all")]
+        t_sweep = [study.run(replace(base, group="t", family="t", top_t=t)) for t in plan.t_values]
+        background = [(study.run(replace(base, group="t", family="t", top_t=t)),
+                       study.run(replace(base, group="background", family="background", top_t=t, background="stream")))
+                      for t in plan.background_t]
+        by_lr.append({
+            "lr": lr,
+            "selection": {"sparse": study.run(base)["setting"]["key"], **{e["setting"]["method"]: e["setting"]["key"] for e in selection}},
+            "t": [e["setting"]["key"] for e in t_sweep],
+            "background": [{"top_t": p["setting"]["top_t"], "pretraining": p["setting"]["key"], "stream": b["setting"]["key"]}
+                           for p, b in background],
+        })
 
     main = {m: chosen[m] for m in MAIN_METHODS}
     reach = min(max(s["curve"]["stream_em"]) for e in main.values() for s in e["seeds"])
@@ -263,10 +272,7 @@ def run_study(study: Study) -> dict[str, Any]:
         "ablations": {
             "optimizer": {"sgd": chosen["sparse"]["setting"]["key"], "adamw": [e["setting"]["key"] for e in adamw],
                           "adamw_chosen": best(adamw)["setting"]["key"]},
-            "selection": {"sparse": chosen["sparse"]["setting"]["key"], **{e["setting"]["method"]: e["setting"]["key"] for e in selection}},
-            "t": [e["setting"]["key"] for e in t_sweep],
-            "background": [{"top_t": p["setting"]["top_t"], "pretraining": p["setting"]["key"], "stream": s["setting"]["key"]}
-                           for p, s in background],
+            "by_lr": by_lr,
         },
         "matched": {"level": round(reach, 4) if reach > 0 else None, "levels": matched(main, levels)},
     }
@@ -339,15 +345,16 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += ["## Learning-rate sweeps", "", HEADER]
     for m in MAIN_METHODS:
         lines += [setting_row(e(k)) for k in st["sweep"][m]]
-    lines += ["", "## Ablations (at sparse's learning rate unless named)", "", "### Optimizer for sparse", "", HEADER,
-              setting_row(e(st["ablations"]["optimizer"]["sgd"])), *[setting_row(e(k)) for k in st["ablations"]["optimizer"]["adamw"]],
-              "", "### Which rows train", "", HEADER,
-              *[setting_row(e(k), f"{name}: {e(k)['setting']['label']}") for name, k in st["ablations"]["selection"].items()],
-              "", "### How many rows train (t)", "", HEADER, *[setting_row(e(k)) for k in st["ablations"]["t"]],
-              "", "### Background statistics: pretraining data vs the stream's own batches (Fig. 7)", "", HEADER]
-    for pair in st["ablations"]["background"]:
-        lines += [setting_row(e(pair["pretraining"]), f"t {pair['top_t']}, background: pretraining"),
-                  setting_row(e(pair["stream"]), f"t {pair['top_t']}, background: the stream")]
+    lines += ["", "## Ablations", "", "### Optimizer for sparse", "", HEADER,
+              setting_row(e(st["ablations"]["optimizer"]["sgd"])), *[setting_row(e(k)) for k in st["ablations"]["optimizer"]["adamw"]]]
+    for ab in st["ablations"]["by_lr"]:
+        lines += ["", f"### Which rows train (SGD lr {ab['lr']:g})", "", HEADER,
+                  *[setting_row(e(k), f"{name}: {e(k)['setting']['label']}") for name, k in ab["selection"].items()],
+                  "", f"### How many rows train (t; SGD lr {ab['lr']:g})", "", HEADER, *[setting_row(e(k)) for k in ab["t"]],
+                  "", f"### Background statistics: pretraining data vs the stream's own batches (Fig. 7; SGD lr {ab['lr']:g})", "", HEADER]
+        for pair in ab["background"]:
+            lines += [setting_row(e(pair["pretraining"]), f"t {pair['top_t']}, background: pretraining"),
+                      setting_row(e(pair["stream"]), f"t {pair['top_t']}, background: the stream")]
     lines += ["", "Figures: `continual_facts_curves.png` (Fig. 3-style), `continual_facts_pareto.png` (Fig. 5-style); "
               "numbers: `continual_facts.json`.", ""]
     return "\n".join(lines)
@@ -441,7 +448,8 @@ def write_outputs(study: Study, plan: Plan, st: dict[str, Any], command: str, mo
         "model": {"hash": model.model_hash, "memory": model.memory_config.to_dict()},
         "background_statistics": {"unit": stats.unit, "protocol": stats.protocol},
         "plan": {"seeds": list(plan.seeds), "facts": plan.facts, "eval_every": plan.eval_every, "lrs": plan.lrs,
-                 "top_t": plan.top_t, "t_values": list(plan.t_values), "background_t": list(plan.background_t)},
+                 "top_t": plan.top_t, "t_values": list(plan.t_values), "background_t": list(plan.background_t),
+                 "ablation_lrs": list(plan.ablation_lrs)},
         "finetune_defaults": {k: v for k, v in FinetuneConfig().to_dict().items()
                               if k in ("batch_size", "steps_per_fact", "composition", "lora_rank", "lora_alpha")},
         "protocol": protocol,

@@ -143,9 +143,11 @@ def test_quick_study_end_to_end_and_reproducible(ws, tmp_path):
     assert doc["command"].startswith("python analyses/continual_facts.py ") and "--quick" in doc["command"]
     results, study = doc["results"], doc["study"]
     # every setting the study names was run for every seed, and carries its curve from step 0
-    named = [*study["chosen"].values(), *[k for ks in study["sweep"].values() for k in ks], *study["ablations"]["t"],
-             *study["ablations"]["optimizer"]["adamw"], *study["ablations"]["selection"].values(),
-             *[p[b] for p in study["ablations"]["background"] for b in ("pretraining", "stream")]]
+    ab = study["ablations"]
+    named = [*study["chosen"].values(), *[k for ks in study["sweep"].values() for k in ks], *ab["optimizer"]["adamw"],
+             *[k for a in ab["by_lr"] for k in (*a["t"], *a["selection"].values())],
+             *[p[b] for a in ab["by_lr"] for p in a["background"] for b in ("pretraining", "stream")]]
+    assert ab["by_lr"][0]["lr"] == results[study["chosen"]["sparse"]]["setting"]["lr"]
     assert set(named) == set(results)
     assert {r["setting"]["method"] for r in results.values()} == {"sparse", "full", "lora", "tf-only", "random-t", "memory-all"}
     assert any(r["setting"]["background"] == "stream" for r in results.values())
