@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from smviz.analysis.continual import at_learning, forgetting_curve, mean_std
+from smviz.analysis.continual import CURVE_COLUMNS, at_learning, forgetting_curve, mean_std
 from smviz.analysis.runs import Run
 from smviz.errors import SmvizError
 from smviz.io import write_json_atomic, write_text_atomic
@@ -190,7 +190,7 @@ class Study:
             "nll_start": m["heldout_nll"]["start"], "nll_end": m["heldout_nll"]["end"], "nll_change": m["heldout_nll"]["change"],
             "trainable_per_step": trainable,
             "curve": curve[["step", "facts_seen", "stream_em", "stream_f1", "learn_em", "known_em", "known_f1", "heldout_nll",
-                            "known_drop", "nll_change"]].to_dict(orient="list"),
+                            *CURVE_COLUMNS]].to_dict(orient="list"),
         }
 
 

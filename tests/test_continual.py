@@ -62,6 +62,33 @@ def test_mean_std_matches_statistics():
     assert mean_std([None]) == {"mean": None, "std": None, "n": 0}
 
 
+def _script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("continual_facts", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_matched_learning_table_over_seeds():
+    """Two seeds whose curves cross 0.2 at known drops 0.15 and 0.25 (hand-computed), one that never does."""
+    study = _script()
+
+    def seed(stream_em, known_em):
+        curve = forgetting_curve(_metrics(stream_em, known_em, [4.0] * len(stream_em)))
+        return {"curve": curve.to_dict(orient="list")}
+
+    entries = {"sparse": {"setting": {"key": "s"}, "seeds": [seed([0, 0.1, 0.3], [1.0, 0.9, 0.8]), seed([0, 0.4], [1.0, 0.5])]},
+               "full": {"setting": {"key": "f"}, "seeds": [seed([0, 0.1], [1.0, 0.2]), seed([0, 0.2], [1.0, 0.0])]}}
+    rows = {(r["method"], r["level"]): r for r in study.matched(entries, [0.2])}
+    sparse, full = rows[("sparse", 0.2)], rows[("full", 0.2)]
+    assert sparse["reached"] == 2 and sparse["known_drop"]["mean"] == pytest.approx(0.2)  # mean of 0.15 and 0.25
+    assert sparse["known_drop"]["std"] == pytest.approx(statistics.stdev([0.15, 0.25]))
+    assert full["reached"] == 1 and full["known_drop"] == {"mean": pytest.approx(1.0), "std": None, "n": 1}
+
+
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
     from micro_workspace import build_micro_workspace
