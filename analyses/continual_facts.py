@@ -421,9 +421,10 @@ def figures(doc: dict[str, Any], out: Path) -> None:
         ax.set_ylabel("learning gain (stream EM, end − start)")
     handles = [plt.Line2D([], [], ls="", marker="o", color=c, label=f) for f, c in COLORS.items()
                if any(e["setting"]["family"] == f for e in res.values())]
-    axes[0].legend(handles=handles, fontsize=7, title="family (size: trained numbers/step, log)", title_fontsize=7)
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False,
+               title="family (marker size: trained numbers per step, log scale)", title_fontsize=8)
     fig.suptitle("Learning vs forgetting, one point per setting (mean ± std over seeds; chosen settings outlined)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.09, 1, 1))
     _save(fig, out / f"{NAME}_pareto.png", meta)
     plt.close("all")
 
