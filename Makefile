@@ -28,7 +28,7 @@ test: install
 demo: install
 	$(OFFLINE) $(VENV)/bin/smviz demo $(DEMO_ARGS)
 
-# the paper-reproduction study on the demo's workspace (make demo first); STUDY_ARGS=--quick: ~10 min
+# the paper-reproduction study on the demo's workspace (make demo first); STUDY_ARGS=--quick: ~9 min
 study: install
 	$(OFFLINE) $(VPY) analyses/continual_facts.py --workspace workspace $(STUDY_ARGS)
 

@@ -4,8 +4,8 @@ on the tiny model, over several seeds, each method at the learning rate its own 
 is compared at the end and at matched learning.
 
     make demo DEMO_ARGS=--no-app                  # the workspace: world, tiny model, its slot statistics
-    python analyses/continual_facts.py --workspace workspace            # ~1 h on 2 CPU cores
-    python analyses/continual_facts.py --workspace workspace --quick    # the same study, smaller: ~10 min
+    python analyses/continual_facts.py --workspace workspace            # ~50 min on 2 CPU cores
+    python analyses/continual_facts.py --workspace workspace --quick    # the same study, smaller: ~9 min
 
 Seed s learns its own slice of the world's new facts (facts s·F … s·F+F-1) with batch order seed s,
 so seeds differ in data as well as in order. Stages, every one over all seeds:
@@ -467,7 +467,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--workspace", default="workspace", help="workspace built by `make demo` (its data/ and models/tiny)")
     p.add_argument("--model", default=None, help="model directory with slot_stats.safetensors (default WS/models/tiny)")
-    p.add_argument("--quick", action="store_true", help="2 seeds x 6 facts, short grids (~10 min on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="2 seeds x 6 facts, short grids (~9 min on 2 CPU cores)")
     p.add_argument("--out", default=None, help="where the results go (default analyses/results; --quick: analyses/results/quick)")
     p.add_argument("--runs", default=None, help="run directories (default WS/continual, or WS/continual-quick with --quick)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, --quick 2)")
