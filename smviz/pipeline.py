@@ -208,6 +208,8 @@ def run_finetune(
             raise SmvizError(f"{name} must be >= 1, got {value}")
     all_facts = read_facts(facts)
     stream_facts = all_facts[first_fact:][:max_facts]
+    if not all_facts:
+        raise SmvizError(f"{facts} holds no facts; the stream needs at least one")
     if not stream_facts:
         raise SmvizError(f"{facts} holds {len(all_facts)} facts, none from number {first_fact} on; the stream needs at least one")
     known_list = read_facts(known)[:known_facts]
