@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from smviz.analysis.continual import CURVE_COLUMNS, at_learning, forgetting_curve, mean_std
 from smviz.analysis.runs import Run
@@ -124,6 +125,7 @@ class Study:
         self.model_dir = Path(args.model or Path(args.workspace) / "models" / "tiny")
         self.runs = Path(args.runs or Path(args.workspace) / "continual")
         self.results: dict[str, dict[str, Any]] = {}  # setting key -> {"setting", "seeds": [...]}
+        self.v_dim = 0  # width of a value row, set by check()
 
     def check(self) -> MemoryModel:
         """Everything the study needs, checked before the first run writes anything."""
@@ -141,6 +143,7 @@ class Study:
         too_big = [t for t in (self.plan.top_t, *self.plan.t_values, *self.plan.background_t) if t > n_slots]
         if too_big:
             raise SmvizError(f"t values {too_big} exceed the memory's {n_slots} slots; choose smaller --top-t / --t-values")
+        self.v_dim = next(iter(model.memory_layers.values())).value_table.weight.shape[1]
         return model
 
     def run(self, setting: Setting) -> dict[str, Any]:
@@ -177,9 +180,7 @@ class Study:
         run = Run(run_dir)
         trainable = summary["trainable_per_step"]
         if trainable is None:  # memory-all trains every row read: the mean over steps of distinct rows read
-            steps = run.steps
-            v_dim = self.v_dim
-            trainable = float(steps.groupby("step")["accessed"].sum().mean() * v_dim)
+            trainable = float(run.steps.groupby("step")["accessed"].sum().mean() * self.v_dim)
         curve = forgetting_curve(run.metrics)
         return {
             "seed": seed, "first_fact": seed * self.plan.facts, "model_hash": summary["model_hash"],
@@ -228,9 +229,7 @@ def matched(entries: dict[str, dict[str, Any]], levels: list[float]) -> list[dic
     return rows
 
 
-def _curve(seed_result: dict[str, Any]):
-    import pandas as pd
-
+def _curve(seed_result: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(seed_result["curve"])
 
 
@@ -511,7 +510,6 @@ def main(argv: list[str] | None = None) -> int:
         plan = make_plan(args)
         study = Study(args, plan)
         model = study.check()
-        study.v_dim = next(iter(model.memory_layers.values())).value_table.weight.shape[1]
         t0 = time.time()
         st = run_study(study)
         write_outputs(study, plan, st, command, model)
