@@ -4,7 +4,7 @@ on the tiny model, over several seeds, each method at the learning rate its own 
 is compared at the end and at matched learning.
 
     make demo DEMO_ARGS=--no-app                  # the workspace: world, tiny model, its slot statistics
-    python analyses/continual_facts.py --workspace workspace            # ~50 min on 2 CPU cores
+    python analyses/continual_facts.py --workspace workspace            # under an hour on 2 CPU cores
     python analyses/continual_facts.py --workspace workspace --quick    # the same study, smaller: ~9 min
 
 Seed s learns its own slice of the world's new facts (facts s·F … s·F+F-1) with batch order seed s,
