@@ -1,13 +1,15 @@
-"""What the benchmark scripts share: interleaved timing of cases (`Case`, `measure`), the CPU's name for
-the result's machine record, and writing the result JSON atomically as strict JSON (NaN / inf become
-null)."""
+"""What the benchmark scripts share: interleaved timing of cases (`Case`, `measure`), the result's
+machine record and closing totals line, and writing the result JSON atomically as strict JSON (NaN /
+inf become null)."""
 
 from __future__ import annotations
 
 import gc
 import math
+import os
 import platform
 import random
+import resource
 import statistics
 import sys
 import time
@@ -42,6 +44,35 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def machine_record(device: Any = "cpu", *, load_start: tuple[float, ...] | None = None, **extra: Any) -> dict:
+    """Where a result was measured: versions, device, CPUs, `extra` fields, and the load average at the
+    start (`load_start`, from os.getloadavg()) and now."""
+    import torch
+
+    device = torch.device(device)
+    record = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "cpu_count": os.cpu_count(),
+        **extra,
+    }
+    if load_start is not None:
+        record["load_average_1_5_15_min_at_start"] = load_start
+        record["load_average_1_5_15_min_at_end"] = os.getloadavg()
+    return record
+
+
+def print_totals(total_s: float, load_start: tuple[float, ...]) -> float:
+    """Print the run's wall time, peak RSS and load average; returns the peak RSS in MB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"total runtime {total_s:.1f}s; peak RSS {peak:.0f} MB; load average (1 min) {load_start[0]:.2f} at start, "
+          f"{os.getloadavg()[0]:.2f} at end")
+    return peak
 
 
 def log(msg: str) -> None:

@@ -39,9 +39,7 @@ import argparse
 import datetime as _dt
 import math
 import os
-import platform
 import random
-import resource
 import shutil
 import signal
 import socket
@@ -55,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
-from _bench import cpu_name, write_result  # noqa: E402 (run as a script from benchmarks/)
+from _bench import machine_record, print_totals, write_result  # noqa: E402 (run as a script from benchmarks/)
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
@@ -415,20 +413,14 @@ def main(argv=None) -> int:
     print()
     print(f"goal: render after the first load p95 < {GOAL_S:g} s: {r['p95_s']:.3f}s -> {'pass' if goal['pass'] else 'FAIL'}")
     total = time.perf_counter() - t_start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"total runtime {total:.1f}s; peak RSS {peak:.0f} MB; load average (1 min) {load_start[0]:.2f} at start, "
-          f"{os.getloadavg()[0]:.2f} at end")
+    peak = print_totals(total, load_start)
 
     import streamlit
 
     payload = {
         "benchmark": "smviz app: Slot page render times on a large trace",
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "python": platform.python_version(), "platform": platform.platform(), "device": "cpu",
-            "device_name": cpu_name(), "cpu_count": os.cpu_count(), "streamlit": streamlit.__version__,
-            "load_average_1_5_15_min_at_start": load_start, "load_average_1_5_15_min_at_end": os.getloadavg(),
-        },
+        "machine": machine_record(load_start=load_start, streamlit=streamlit.__version__),
         "settings": {"preset": PRESET, "seed": 0, "quick": args.quick, "trace_accesses_min": args.trace_accesses,
                      "renders": args.renders, "browser": args.browser, "browser_server": "streamlit run" if args.direct else "smviz app",
                      "navigations": args.navigations,

@@ -81,8 +81,6 @@ import copy
 import datetime as _dt
 import gc
 import logging
-import platform
-import resource
 import subprocess
 import time
 import warnings
@@ -90,7 +88,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from _bench import Case, cpu_name, log, measure, paired_ratio, write_result  # noqa: E402 (run as a script from benchmarks/)
+from _bench import Case, log, machine_record, measure, paired_ratio, print_totals, write_result  # noqa: E402 (run as a script from benchmarks/)
 
 from smviz.data.corpus import load_articles
 from smviz.data.tokenizer import train_tokenizer
@@ -618,24 +616,12 @@ def main(argv=None) -> int:
         verdict = "n/a" if g["pass"] is None else ("pass" if g["pass"] else "FAIL")
         value = "n/a" if g["value"] is None else f"{g['value']:.2f} %"
         print(f"goal {name}: {value} ({g['goal']}): {verdict}")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"total runtime {total:.1f}s; peak RSS {peak:.0f} MB; load average (1 min) {load_start[0]:.2f} at start, "
-          f"{os.getloadavg()[0]:.2f} at end")
+    peak = print_totals(total, load_start)
 
     payload = {
         "benchmark": "smviz finetuning: step time per method, optimizer state, sparse selection share",
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average_1_5_15_min_at_start": load_start,
-            "load_average_1_5_15_min_at_end": os.getloadavg(),
-        },
+        "machine": machine_record(device, load_start=load_start, torch_threads=torch.get_num_threads()),
         "git": git_info(),
         "settings": {
             "preset": PRESET, "seed": 0, "quick": args.quick, "sizes": [f"2^{e}" for e in args.sizes],

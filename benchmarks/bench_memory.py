@@ -38,7 +38,6 @@ import datetime as _dt
 import gc
 import math
 import os
-import platform
 import random
 import resource
 import statistics
@@ -50,7 +49,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _bench import cpu_name, write_result  # noqa: E402 (run as a script from benchmarks/)
+from _bench import machine_record, write_result  # noqa: E402 (run as a script from benchmarks/)
 from torch import nn
 
 from smviz.memory import MemoryConfig, ProductKeyMemory
@@ -549,16 +548,7 @@ def main(argv=None) -> int:
     payload = {
         "benchmark": "smviz memory layer",
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "device": str(device),
-            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-            else cpu_name(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-        },
+        "machine": machine_record(device, torch_threads=torch.get_num_threads()),
         "settings": {
             "tokens": tokens, "batch": shape[0], "seq": shape[1], "dim": DIM, "heads": 4, "knn": 32,
             "k_dim": args.k_dim, "v_dim": DIM, "query_norm": "layernorm", "sizes": [f"2^{e}" for e in args.sizes],

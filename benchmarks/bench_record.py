@@ -77,8 +77,6 @@ import datetime as _dt
 import gc
 import math
 import os
-import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -91,7 +89,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _bench import Case, cpu_name, log, measure, paired_ratio, write_result  # noqa: E402 (run as a script from benchmarks/)
+from _bench import Case, log, machine_record, measure, paired_ratio, print_totals, write_result  # noqa: E402 (run as a script from benchmarks/)
 
 from smviz.data.corpus import load_articles
 from smviz.data.world import WorldConfig
@@ -784,25 +782,12 @@ def main(argv=None) -> int:
               f"({c['startup_wall_1_s']:.1f}s / {c['startup_wall_p_s']:.1f}s) {speedup}; "
               f"outputs identical: {c['outputs_identical']}")
         print(f"  every stats process: 1 thread (OMP_NUM_THREADS=1, TOKENIZERS_PARALLELISM=false), {os.cpu_count()} CPUs")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"total runtime {total:.1f}s; peak RSS {peak:.0f} MB; load average (1 min) {load_start[0]:.2f} at start, "
-          f"{os.getloadavg()[0]:.2f} at end")
+    peak = print_totals(total, load_start)
 
     payload = {
         "benchmark": "smviz recording, traces, slot index and slot statistics",
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "device": "cpu",
-            "device_name": cpu_name(),
-            "cpu_count": os.cpu_count(),
-            "torch_threads": args.threads or os.cpu_count(),
-            "torch_threads_stats": 1,
-            "load_average_1_5_15_min_at_start": load_start,
-            "load_average_1_5_15_min_at_end": os.getloadavg(),
-        },
+        "machine": machine_record(load_start=load_start, torch_threads=args.threads or os.cpu_count(), torch_threads_stats=1),
         "settings": {
             "preset": PRESET, "seed": 0, "quick": args.quick, "batch": args.batch, "seq": args.seq,
             "rounds": args.rounds, "warmup": args.warmup, "target_s": args.target_s,
