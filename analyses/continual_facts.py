@@ -29,7 +29,6 @@ unfinished one resumes from its last evaluation), and a rerun writes the same nu
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shlex
@@ -126,6 +125,7 @@ class Study:
         self.runs = Path(args.runs or Path(args.workspace) / "continual")
         self.results: dict[str, dict[str, Any]] = {}  # setting key -> {"setting", "seeds": [...]}
         self.v_dim = 0  # width of a value row, set by check()
+        self.protocol: dict[str, Any] = {}  # the evaluation protocol, from the first run's summary
 
     def check(self) -> MemoryModel:
         """Everything the study needs, checked before the first run writes anything."""
@@ -162,6 +162,7 @@ class Study:
                 progress=False,
             )
             seeds.append(self._seed_result(seed, Path(run_dir), summary))
+            self.protocol = self.protocol or summary["protocol"]
             m = summary["metrics"]
             drop = m["known_em"]["relative_drop"]
             print(f"  {setting.key:<36} seed {seed}: learned EM {m['learning_em']['end']:.3f}, "
@@ -438,9 +439,7 @@ def write_outputs(study: Study, plan: Plan, st: dict[str, Any], command: str, mo
     out = Path(study.args.out)
     out.mkdir(parents=True, exist_ok=True)
     stats = SlotStats.load_for_model(study.model_dir, model)
-    any_seed = next(iter(study.results.values()))["seeds"][0]
-    summary = json.loads((study.runs / next(iter(study.results)) / f"seed-{any_seed['seed']}" / "summary.json").read_text())
-    protocol = summary["protocol"]
+    protocol = dict(study.protocol)  # every run shares it: the same evaluation sets
     protocol["known"] = {"n": study.args.known_facts, "text": protocol["known"]}
     doc = {
         "format": FORMAT,
