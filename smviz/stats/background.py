@@ -20,15 +20,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-from smviz.stats.counting import StatsCollector, _model_inputs
+from smviz.stats.counting import StatsCollector, model_inputs
 from smviz.stats.slot_stats import (
     PARTIAL_FORMAT,
     STATS_FILE,
     SlotStats,
     SlotStatsError,
-    _check_unit,
-    _write_bytes,
+    check_unit,
 )
+from smviz.io import write_bytes_atomic
 
 BACKGROUND_STEP_OFFSET = 10**6
 """Background batch i is `PretrainStream.batch(BACKGROUND_STEP_OFFSET + i)`: random batches of the
@@ -83,7 +83,7 @@ def background_stats(
     from smviz.model import MemoryModel
     from smviz.pipeline import load_data, make_stream
 
-    _check_unit(unit)
+    check_unit(unit)
     for name, value in (("n_batches", n_batches), ("batch_size", batch_size), ("seq_len", seq_len),
                         ("checkpoint_every", checkpoint_every), ("stop_after", stop_after)):
         if value is not None and value < 1:
@@ -127,13 +127,13 @@ def background_stats(
     try:
         with torch.no_grad(), StatsCollector(model, stats) as collector:
             for i in mine:
-                model(**_model_inputs(stream.batch(BACKGROUND_STEP_OFFSET + i), device))
+                model(**model_inputs(stream.batch(BACKGROUND_STEP_OFFSET + i), device))
                 done += 1
                 bar.update()
                 last = stop_after is not None and done >= stop_after
                 if done % checkpoint_every == 0 or last:
                     collector.flush()
-                    _write_bytes(partial, stats._to_bytes(PARTIAL_FORMAT, {"next_batch": str(i + 1), "fingerprint": fingerprint}))
+                    write_bytes_atomic(partial, stats.to_bytes(PARTIAL_FORMAT, {"next_batch": str(i + 1), "fingerprint": fingerprint}))
                 if last:
                     break
     finally:

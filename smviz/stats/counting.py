@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-from smviz.stats.slot_stats import SlotStats, SlotStatsError, _check_unit
+from smviz.stats.slot_stats import SlotStats, SlotStatsError, check_unit
 
 
 def _rows(indices: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
@@ -53,7 +53,7 @@ def document_counts(
     """Per slot, how many documents of this forward read it (int64, length n_slots): 0 or 1 for the
     `batch` unit (the forward is one document), the number of sequences (rows) for `sequence`.
     `counts`, when given, must be `batch_counts(indices, mask, n_slots)` (saves a bincount)."""
-    _check_unit(unit)
+    check_unit(unit)
     if unit == "batch":
         return ((batch_counts(indices, mask, n_slots) if counts is None else counts) > 0).long()
     flat, keep, n_seq = _rows(indices, mask)
@@ -67,7 +67,7 @@ def document_counts(
 def forward_documents(indices: torch.Tensor, mask: torch.Tensor | None, unit: str) -> torch.Tensor:
     """(documents, real tokens) of one forward as an int64 tensor on indices' device, without a host
     sync: a `batch` document is a forward with ≥ 1 real token, a `sequence` document a row with one."""
-    _check_unit(unit)
+    check_unit(unit)
     flat, keep, n_seq = _rows(indices, mask)
     if keep is None:
         tokens = torch.tensor(flat.shape[0], device=flat.device)
@@ -167,7 +167,7 @@ class StatsCollector:
             self._docs_tokens.zero_()
 
 
-def _model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     if "input_ids" not in batch:
         raise SlotStatsError(f"a batch must hold 'input_ids' (and optionally 'attention_mask'), got keys {sorted(batch)}")
     inputs = {"input_ids": batch["input_ids"].to(device)}
@@ -196,7 +196,7 @@ def collect_stats(
     try:
         with torch.no_grad(), StatsCollector(model, stats):
             for batch in tqdm(batches, desc="slot stats", unit="batch", disable=not progress):
-                model(**_model_inputs(batch, model.device))
+                model(**model_inputs(batch, model.device))
                 n += 1
     finally:
         model.train(was_training)

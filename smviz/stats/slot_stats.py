@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 
 from smviz.errors import SmvizError
-from smviz.io import atomic_open
+from smviz.io import write_bytes_atomic
 from smviz.usage import usage_metrics
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ class SlotStatsError(SmvizError):
     """Slot statistics that are damaged, belong to another model, or cannot be combined."""
 
 
-def _check_unit(unit: str) -> None:
+def check_unit(unit: str) -> None:
     if unit not in UNITS:
         raise SlotStatsError(f"unknown document unit {unit!r}; choose one of {list(UNITS)}")
 
@@ -100,7 +100,7 @@ class SlotStats:
     """How the statistics were produced (source, batch_size, seq_len, n_batches, seed, unit, ...): JSON-able."""
 
     def __post_init__(self) -> None:
-        _check_unit(self.unit)
+        check_unit(self.unit)
         self.layers = tuple(int(i) for i in self.layers)
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
             raise SlotStatsError(f"layers must be distinct block indices in increasing order, got {list(self.layers)}")
@@ -215,7 +215,7 @@ class SlotStats:
             raise SlotStatsError(f"incomplete slot-statistics state: {e!r}") from None
         self.__dict__.update(new.__dict__)
 
-    def _to_bytes(self, fmt: str = FORMAT, extra: Mapping[str, str] | None = None) -> bytes:
+    def to_bytes(self, fmt: str = FORMAT, extra: Mapping[str, str] | None = None) -> bytes:
         metadata = {
             "format": fmt, "layers": json.dumps(list(self.layers)), "n_slots": str(self.n_slots), "unit": self.unit,
             "n_docs": str(self.n_docs), "n_tokens": str(self.n_tokens), "model_hash": json.dumps(self.model_hash),
@@ -226,7 +226,7 @@ class SlotStats:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the statistics to `path` (safetensors, atomically)."""
         path = Path(path)
-        _write_bytes(path, self._to_bytes())
+        write_bytes_atomic(path, self.to_bytes())
         return path
 
     @classmethod
@@ -346,11 +346,6 @@ def _safetensors_metadata(data: bytes, damaged: str) -> dict[str, str]:
     if not isinstance(metadata, dict):
         raise SlotStatsError(f"{damaged} (metadata is not an object)")
     return metadata
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with atomic_open(path, "wb") as f:
-        f.write(data)
 
 
 
