@@ -8,7 +8,10 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 STUDY_ARGS ?=
 
-.PHONY: install test demo study bench clean
+CHROMIUM := /usr/bin/chromium
+CHROMIUM_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+.PHONY: install chromium test demo study bench clean
 
 # torch is installed first with an exact pin so pip takes the local CPU wheel
 # instead of resolving a multi-GB CUDA build.
@@ -22,7 +25,14 @@ $(MARKER): pyproject.toml requirements-spacy-model.txt
 
 install: $(MARKER)
 
-test: install
+# Debian's chromium for the app's browser test (tests/test_app_browser.py, driven by Playwright):
+# installed when missing and we are root; otherwise that test is skipped and says how to install it.
+chromium:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then echo "installing Debian's chromium for the browser test"; $(CHROMIUM_INSTALL); \
+	else echo "$(CHROMIUM) is missing and we are not root: the browser test will be skipped (sudo sh -c '$(CHROMIUM_INSTALL)')"; fi
+
+test: install chromium
 	$(OFFLINE) $(VPY) -m pytest -q tests $(PYTEST_ARGS)
 
 demo: install
