@@ -42,8 +42,16 @@ demo: install
 study: install
 	$(OFFLINE) $(VPY) analyses/continual_facts.py --workspace workspace $(STUDY_ARGS)
 
-bench: install
+# the benchmark-only extra (product-key-memory, for bench_pkm_peer.py); the installed torch is named as a
+# requirement with its exact version (2.13.0+cpu), so pip keeps it and never resolves another torch build
+BENCH_MARKER := $(VENV)/.installed-bench
+$(BENCH_MARKER): $(MARKER)
+	$(VPY) -m pip install -e '.[bench]' "torch==$$($(VPY) -c 'import torch; print(torch.__version__)')"
+	touch $(BENCH_MARKER)
+
+bench: install $(BENCH_MARKER)
 	$(VPY) benchmarks/bench_memory.py
+	$(VPY) benchmarks/bench_pkm_peer.py
 	$(OFFLINE) $(VPY) benchmarks/bench_record.py
 	$(OFFLINE) $(VPY) benchmarks/bench_finetune.py
 	$(OFFLINE) $(VPY) benchmarks/bench_entities.py
