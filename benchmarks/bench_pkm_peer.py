@@ -2,7 +2,7 @@
 `product-key-memory` (PyPI, pinned in the `bench` extra: `pip install -e '.[bench]'`; `make bench`
 installs it), at one shape, forward and forward+backward.
 
-    python benchmarks/bench_pkm_peer.py            # 10 interleaved rounds (about a minute on 2 CPU cores)
+    python benchmarks/bench_pkm_peer.py            # 10 interleaved rounds (about 30 s on 2 CPU cores)
     python benchmarks/bench_pkm_peer.py --quick    # 3 rounds, shorter rounds
 
 The shape, the same for both: N = 2^16 slots (256 sub-keys per half), 4 heads x top-32, model dim 256,
