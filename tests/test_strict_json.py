@@ -1,8 +1,9 @@
 """Strict JSON everywhere: smviz writes null for NaN and infinities, never the `NaN` / `Infinity`
 tokens that Python's json accepts but JSON (RFC 8259), `jq`, browsers and strict readers refuse.
-Checked three ways: smviz.io's writers on non-finite values; every committed result JSON under
-analyses/ and benchmarks/results/; and every .json / .jsonl file of a micro workspace built end to
-end (model, statistics, trace, three finetuning runs, a diff report and a run report)."""
+Checked three ways: smviz.io's writers on non-finite values; every committed JSON file (results,
+the notebook) under analyses/ and benchmarks/results/; and every .json / .jsonl file of a micro
+workspace built end to end (model, statistics, trace, three finetuning runs, a diff report and a
+run report)."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def test_non_finite_numbers_are_written_as_null(tmp_path):
 
 
 COMMITTED = sorted(p for folder in (ROOT / "analyses", ROOT / "benchmarks" / "results")
-                   for suffix in ("*.json", "*.jsonl") for p in folder.rglob(suffix))
+                   for suffix in ("*.json", "*.jsonl", "*.ipynb") for p in folder.rglob(suffix))
 
 
 def test_committed_results_exist():
