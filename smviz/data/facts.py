@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from smviz.errors import SmvizError
-from smviz.io import atomic_open
+from smviz.io import atomic_open, json_text
 
 QA_PROMPT = "Question: {question}\nAnswer:"
 """How a question is put to the model; the answer follows after one space and ends at the newline."""
@@ -118,7 +118,7 @@ def write_facts(path: str | os.PathLike, facts: Iterable[Fact]) -> None:
     """Write facts as JSONL atomically (temp file renamed into place)."""
     with atomic_open(path) as f:
         for fact in facts:
-            f.write(json.dumps(fact.to_dict(), ensure_ascii=False) + "\n")
+            f.write(json_text(fact.to_dict(), indent=None) + "\n")
 
 
 def read_facts(path: str | os.PathLike) -> list[Fact]:

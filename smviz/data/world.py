@@ -47,7 +47,7 @@ from smviz.data.lexicon import (  # re-exported: the world's public vocabulary
     UNIVERSITIES,
     Relation,
 )
-from smviz.io import write_text_atomic
+from smviz.io import json_text, write_text_atomic
 
 WORLD_FORMAT = "smviz-world/1"
 WORLD_FILE = "world.json"
@@ -380,5 +380,5 @@ def write_world(directory: str | os.PathLike, world: World, force: bool = False)
             meta_path.unlink()
     for population in POPULATIONS:
         write_facts(directory / POPULATION_FILES[population], world.population(population))
-    write_text_atomic(meta_path, json.dumps(meta, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    write_text_atomic(meta_path, json_text(meta, sort_keys=True) + "\n")
     return True
