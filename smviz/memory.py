@@ -23,7 +23,6 @@ Gradient can be confined to chosen value rows with `ValueTable.train_rows` (no N
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -36,9 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from smviz.config import from_dict
 from smviz.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 MODES = ("replace", "parallel")
 QUERY_NORMS = ("none", "layernorm", "batchnorm")
@@ -134,17 +132,9 @@ class MemoryConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MemoryConfig:
-        """Build from a dict; keys written by a newer smviz are ignored with a warning, missing ones default."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            log.warning("MemoryConfig: ignoring unknown fields %s (written by a newer smviz?)", unknown)
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        """Field name → help text (for CLIs and docs)."""
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+        """Build from a dict as read from disk: every value checked against its field's type (ConfigError
+        naming the field), keys written by a newer smviz ignored with a warning, missing ones default."""
+        return from_dict(cls, d)
 
 
 @dataclass

@@ -526,7 +526,7 @@ def test_config_round_trip():
 
 def test_config_from_dict_ignores_unknown_with_warning(caplog):
     d = MemoryConfig(n_keys=8, knn=4).to_dict() | {"future_knob": 3, "another": "x"}
-    with caplog.at_level(logging.WARNING, logger="smviz.memory"):
+    with caplog.at_level(logging.WARNING, logger="smviz.config"):
         cfg = MemoryConfig.from_dict(d)
     assert cfg == MemoryConfig(n_keys=8, knn=4)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -535,7 +535,7 @@ def test_config_from_dict_ignores_unknown_with_warning(caplog):
 
 
 def test_config_from_dict_known_keys_do_not_warn(caplog):
-    with caplog.at_level(logging.WARNING, logger="smviz.memory"):
+    with caplog.at_level(logging.WARNING, logger="smviz.config"):
         MemoryConfig.from_dict(MemoryConfig().to_dict())
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
