@@ -14,6 +14,7 @@ from smviz.trace.format import (
     TOKENS_SCHEMA,
     TRACE_FORMAT,
     accesses_table,
+    entity_cache_file,
     model_meta,
     partial_dir,
     tokens_table,
@@ -23,6 +24,6 @@ from smviz.trace.trace import Trace, TraceWriter
 
 __all__ = [
     "ACCESSES_SCHEMA", "ACCESS_COLUMNS", "INDEX_DIR", "INDEX_FORMAT", "META_FILE", "SCHEMAS", "SlotIndex", "TABLES",
-    "TOKENS_SCHEMA", "TOKEN_COLUMNS", "TRACE_FORMAT", "Trace", "TraceWriter", "accesses_table", "model_meta",
+    "TOKENS_SCHEMA", "TOKEN_COLUMNS", "TRACE_FORMAT", "Trace", "TraceWriter", "accesses_table", "entity_cache_file", "model_meta",
     "partial_dir", "tokens_table",
 ]

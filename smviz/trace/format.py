@@ -7,6 +7,8 @@
                                   then layer, head, rank            (ACCESS_COLUMNS)
     index/                        the SlotIndex cache, built on first use: index.json and one
                                   numpy array per INDEX_ARRAYS entry (memory-mapped)
+    entities/KEY.parquet          the entity spans of the trace's documents, one file per NER
+                                  pipeline (`smviz.analysis.entities`), built on first use
 
 While recording, shards fill a hidden sibling `.NAME.partial/` (with progress.json, the resume
 point) that becomes `NAME` when meta.json is written. Also here: the column schemas and the builders
@@ -39,6 +41,7 @@ INDEX_DIR = "index"
 INDEX_INFO = "index.json"
 INDEX_ARRAYS = ("offsets", "rows", "weights", "heads")
 """The SlotIndex arrays, each cached as INDEX_DIR/<name>.npy."""
+ENTITY_CACHE_DIR = "entities"
 
 TOKEN_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "row": (pa.int32(), "token row, 0..n_tokens-1 in recording order; accesses.token refers to it"),
@@ -79,6 +82,11 @@ def partial_dir(path: str | os.PathLike) -> Path:
 
 def index_array_file(name: str) -> str:
     return f"{name}.npy"
+
+
+def entity_cache_file(trace_dir: str | os.PathLike, key: str) -> Path:
+    """Where the entity spans found by the NER pipeline identified by `key` are cached in a trace."""
+    return Path(trace_dir) / ENTITY_CACHE_DIR / f"{key}.parquet"
 
 
 # --------------------------------------------------------------------------- contents
