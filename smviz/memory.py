@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -133,8 +134,13 @@ class MemoryConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MemoryConfig:
         """Build from a dict as read from disk: every value checked against its field's type (ConfigError
-        naming the field), keys written by a newer smviz ignored with a warning, missing ones default."""
-        return from_dict(cls, d)
+        naming the field), keys written by a newer smviz ignored with a warning, missing ones default.
+        An integer given for a float field stays an integer (10, not 10.0), so that saving the config
+        again writes the bytes it was read from (memory.json is part of the model hash)."""
+        config = from_dict(cls, d)
+        floats = [name for name, tp in typing.get_type_hints(cls).items() if tp is float]
+        ints = {name: d[name] for name in floats if type(d.get(name)) is int}
+        return dataclasses.replace(config, **ints) if ints else config
 
 
 @dataclass

@@ -1016,6 +1016,10 @@ def test_saving_onto_a_file_is_refused(tmp_path, micro_model):
     assert f.read_text() == "a file" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     with pytest.raises(ModelFileError, match="is a file, not a model directory"):
         MemoryModel.from_pretrained(f)
+    with pytest.raises(WriteError, match="cannot write"):
+        micro_model.save_pretrained(f / "inside")  # a file where a folder must be
+    assert f.read_text() == "a file" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert micro_model.model_hash is None
 
 
 # --------------------------------------------------------------------------- 9. registry, layers, tokenizer

@@ -17,7 +17,7 @@ from smviz.data.facts import qa_text
 from smviz.data.tokenizer import train_tokenizer
 from smviz.data.world import WorldConfig, generate_world
 from smviz.data.facts import write_facts
-from smviz.errors import ConfigError, InputError, ModelFileError, TraceError
+from smviz.errors import ConfigError, InputError, ModelFileError, TraceError, WriteError
 from smviz.model import MemoryModel
 from smviz.record import (
     DEFAULT_MAX_DOC_CHARS,
@@ -290,3 +290,13 @@ def test_recording_text_without_a_tokenizer_says_so(model, tmp_path):
     with pytest.raises(ModelFileError, match="the model has no tokenizer, and recording text needs one"):
         record_texts(bare, [Document("a", "text")], tmp_path / "t", progress=False)
     assert not (tmp_path / "t").exists()
+
+
+def test_recording_under_a_file_is_a_write_error_and_changes_nothing(model, tmp_path):
+    blocker = tmp_path / "traces"
+    blocker.write_text("not a folder")
+    before = listing(tmp_path)
+    with pytest.raises(WriteError, match="cannot write") as err:
+        record_texts(model, [Document("a", "Some text.")], blocker / "t", progress=False)
+    assert "\n" not in str(err.value)
+    assert listing(tmp_path) == before and blocker.read_text() == "not a folder"

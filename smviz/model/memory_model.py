@@ -21,7 +21,6 @@ import torch
 import transformers
 from torch import nn
 
-from smviz.config import with_overrides
 from smviz.errors import ConfigError, ModelFileError
 from smviz.memory import MemoryConfig, ProductKeyMemory, ValueTable
 from smviz.model.format import (
@@ -102,11 +101,6 @@ class MemoryModel(nn.Module):
         self._lm_signature = inspect.signature(lm.forward)
         lm.register_forward_pre_hook(self._pass_token_mask, with_kwargs=True)
 
-    def lm_arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        """The arguments of one call of the LM's forward by name (positional ones bound to their names),
-        for hooks that need e.g. its input_ids or attention_mask."""
-        return dict(self._lm_signature.bind_partial(*args, **kwargs).arguments)
-
     # ---- construction
 
     @classmethod
@@ -124,7 +118,10 @@ class MemoryModel(nn.Module):
         p = preset(name)
         hf = dict(p.hf, **(hf_overrides or {}), **({"vocab_size": vocab_size} if vocab_size is not None else {}))
         config = transformers.AutoConfig.for_model(p.model_type, **hf)
-        memory = with_overrides(p.memory, memory_overrides)
+        unknown = sorted(set(memory_overrides) - set(p.memory.to_dict()))
+        if unknown:
+            raise ConfigError(f"MemoryConfig has no field {', '.join(unknown)}; its fields: {', '.join(p.memory.to_dict())}")
+        memory = MemoryConfig.from_dict(p.memory.to_dict() | memory_overrides)  # every value type-checked
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             lm = transformers.AutoModelForCausalLM.from_config(config)
@@ -143,6 +140,11 @@ class MemoryModel(nn.Module):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.lm.generate(*args, **kwargs)
+
+    def lm_arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        """The arguments of one call of the LM's forward by name (positional ones bound to their names),
+        for hooks that need e.g. its input_ids or attention_mask."""
+        return dict(self._lm_signature.bind_partial(*args, **kwargs).arguments)
 
     def _pass_token_mask(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
