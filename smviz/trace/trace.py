@@ -74,7 +74,7 @@ class TraceWriter:
         self.partial = partial_dir(self.path)
         self._fingerprint = digest(json.dumps(self.meta, sort_keys=True).encode())
         progress = read_json(self.partial / PROGRESS_FILE)
-        if resume and progress is not None and progress.get("fingerprint") == self._fingerprint:
+        if resume and isinstance(progress, dict) and progress.get("fingerprint") == self._fingerprint:
             self._shards: list[dict[str, Any]] = progress["shards"]
             self._state: dict[str, Any] = progress["state"]
             log.info("resuming the recording in %s after %d shards", self.partial, len(self._shards))
