@@ -97,7 +97,7 @@ def load_trace(path: str):
 
     trace = Trace.load(path)
     index = trace.slot_index()
-    index._token_columns()  # warm the token columns the contexts read
+    index.token_columns()  # warm the token columns the contexts read
     return trace, index
 
 

@@ -52,14 +52,15 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _cmd_world(args: argparse.Namespace) -> None:
-    from smviz.data.world import WorldConfig, WorldError
+    from smviz.data.world import WorldConfig
+    from smviz.errors import WriteError
     from smviz.pipeline import build_data
 
     config = WorldConfig(seed=args.seed, n_known=args.known, n_bio_only=args.bio_only, n_new=args.new)
     try:
         wrote = build_data(args.out, config, force=args.force)
-    except WorldError as e:
-        raise WorldError(str(e).replace("pass force=True", "pass --force")) from None
+    except WriteError as e:
+        raise WriteError(str(e).replace("pass force=True", "pass --force")) from None
     print(f"{'wrote' if wrote else 'already present:'} fact world and corpus splits in {args.out}")
 
 

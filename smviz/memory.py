@@ -23,8 +23,8 @@ Gradient can be confined to chosen value rows with `ValueTable.train_rows` (no N
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
+import typing
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -36,9 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from smviz.config import from_dict
 from smviz.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 MODES = ("replace", "parallel")
 QUERY_NORMS = ("none", "layernorm", "batchnorm")
@@ -134,17 +133,14 @@ class MemoryConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MemoryConfig:
-        """Build from a dict; keys written by a newer smviz are ignored with a warning, missing ones default."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            log.warning("MemoryConfig: ignoring unknown fields %s (written by a newer smviz?)", unknown)
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        """Field name → help text (for CLIs and docs)."""
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+        """Build from a dict as read from disk: every value checked against its field's type (ConfigError
+        naming the field), keys written by a newer smviz ignored with a warning, missing ones default.
+        An integer given for a float field stays an integer (10, not 10.0), so that saving the config
+        again writes the bytes it was read from (memory.json is part of the model hash)."""
+        config = from_dict(cls, d)
+        floats = [name for name, tp in typing.get_type_hints(cls).items() if tp is float]
+        ints = {name: d[name] for name in floats if type(d.get(name)) is int}
+        return dataclasses.replace(config, **ints) if ints else config
 
 
 @dataclass

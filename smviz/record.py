@@ -11,19 +11,16 @@ into windows `stride` tokens apart and records each token once — in the first 
 it, so every token after the first window has at least `context - stride` tokens of left context
 (the strided evaluation of Hugging Face's perplexity guide). Documents are recorded in groups of
 about `shard_tokens` tokens, one trace shard per group, so an interrupted recording resumes after
-its last shard.
+its last shard; progress advances with every batch of windows. The documents themselves come from
+`smviz.data.documents` (re-exported here).
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
-import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,20 +28,23 @@ import torch
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
-from smviz.errors import SmvizError, TraceError
+from smviz.data.documents import Document, read_documents
+from smviz.data.tokenizer import right_pad
+from smviz.errors import ConfigError, InputError, TraceError
 from smviz.model import MemoryModel
 from smviz.trace import Trace, TraceWriter, accesses_table, model_meta, tokens_table
 
-log = logging.getLogger(__name__)
+__all__ = ["DEFAULT_CONTEXT", "DEFAULT_MAX_DOC_CHARS", "AccessRecorder", "Document", "RecordedBatch", "chunk_spans",
+           "read_documents", "record_texts"]
 
 DEFAULT_CONTEXT = 128
 """Tokens per window when recording text: the sequence length the built-in models are trained on
 (longer windows would put tokens at positions the model never saw). Capped by the model's limit."""
 
-
-class RecordInputError(SmvizError):
-    """An input file for recording is empty, not UTF-8, or not JSONL of documents or facts."""
-
+DEFAULT_MAX_DOC_CHARS = 1_000_000
+"""The longest document `record_texts` takes by default (characters, about a 500-page book): a file
+that is one huge line by mistake is refused at once, naming the document, instead of recording for
+hours. Raise it (`max_doc_chars`) for documents that are really that long."""
 
 @dataclass
 class RecordedBatch:
@@ -80,10 +80,9 @@ class AccessRecorder:
         keep: bool = True,
     ) -> None:
         available = list(model.memory_layers)
-        self.layers = available if layers is None else sorted(set(int(l) for l in layers))
-        missing = [l for l in self.layers if l not in available]
-        if missing or not self.layers:
-            raise TraceError(f"layers {missing or list(layers or [])} are not memory layers; this model has memory at blocks {available}")
+        if layers is not None and not len(layers):
+            raise ConfigError(f"layers is empty: name the memory layers to record (the model's are {available})")
+        self.layers = available if layers is None else sorted({model.resolve_layer(l) for l in layers})
         self.model = model
         self.on_batch = on_batch
         self.keep = keep
@@ -118,7 +117,7 @@ class AccessRecorder:
     # ---- hooks
 
     def _begin_call(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        bound = self.model._lm_signature.bind_partial(*args, **kwargs).arguments
+        bound = self.model.lm_arguments(args, kwargs)
         self._call = {"input_ids": bound.get("input_ids"), "attention_mask": bound.get("attention_mask"), "reads": {}}
 
     def _on_read(self, block: int, _layer: torch.nn.Module, indices: torch.Tensor, weights: torch.Tensor, mask: torch.Tensor | None) -> None:
@@ -211,83 +210,12 @@ def _token_texts(tokenizer: Any, token_id: np.ndarray) -> list[str]:
 # --------------------------------------------------------------------------- recording documents
 
 
-@dataclass(frozen=True)
-class Document:
-    id: str
-    text: str
-
-
-def read_documents(path: str | os.PathLike) -> tuple[list[Document], dict[str, Any]]:
-    """Documents from a JSONL file, and a description of the source (path name, kind, sha256).
-
-    - texts: one JSON object per line with a string "text" and an optional "id" (default: the
-      document's number); ids must be unique.
-    - facts (smviz.data.facts format, recognised by a "statements" field): each fact gives its
-      statements (ids 'FACT:s0', ...) and its questions written as Q/A text ('FACT:q0', ...)."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise RecordInputError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise RecordInputError(f"{path} is not UTF-8 text (line {line}, byte {e.start}); convert it to UTF-8") from None
-    lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
-    if not lines:
-        raise RecordInputError(f"{path} holds no documents (it is empty)")
-    source = {"name": path.name, "sha256": hashlib.sha256(raw).hexdigest()}
-    first = _parse_line(path, *lines[0])
-    if "statements" in first:
-        return _fact_documents(path), source | {"kind": "facts"}
-    docs: list[Document] = []
-    seen: set[str] = set()
-    for number, line in lines:
-        obj = _parse_line(path, number, line)
-        if not isinstance(obj.get("text"), str):
-            raise RecordInputError(f"{path}:{number}: each line needs a string field 'text' (or be a fact with 'statements')")
-        doc_id = obj.get("id", str(len(docs)))
-        if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool):
-            raise RecordInputError(f"{path}:{number}: 'id' must be a string or an integer")
-        doc_id = str(doc_id)
-        if doc_id in seen:
-            raise RecordInputError(f"{path}:{number}: id {doc_id!r} appears twice; ids must be unique")
-        seen.add(doc_id)
-        docs.append(Document(doc_id, obj["text"]))
-    return docs, source | {"kind": "texts"}
-
-
-def _parse_line(path: Path, number: int, line: str) -> dict[str, Any]:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise RecordInputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-    if not isinstance(obj, dict):
-        raise RecordInputError(f"{path}:{number}: expected a JSON object")
-    return obj
-
-
-def _fact_documents(path: Path) -> list[Document]:
-    from smviz.data.facts import FactError, qa_text, read_facts
-
-    try:
-        facts = read_facts(path)
-    except FactError as e:
-        raise RecordInputError(str(e)) from None
-    docs = []
-    for fact in facts:
-        docs += [Document(f"{fact.id}:s{i}", s) for i, s in enumerate(fact.statements)]
-        docs += [Document(f"{fact.id}:q{j}", qa_text(q.text, fact.answer).rstrip("\n")) for j, q in enumerate(fact.questions)]
-    return docs
-
-
 def chunk_spans(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """Windows (start, end, first) over a document of n_tokens: the model reads tokens start..end-1
     and tokens first..end-1 are recorded from this window. Consecutive windows start `stride` apart;
     every token is recorded exactly once."""
     if not 1 <= stride <= context:
-        raise TraceError(f"stride must lie in [1, context={context}], got {stride}")
+        raise ConfigError(f"stride must lie in [1, context={context}], got {stride}")
     spans, start, done = [], 0, 0
     while done < n_tokens:
         end = min(start + context, n_tokens)
@@ -311,25 +239,35 @@ def record_texts(
     shard_tokens: int = 32_768,
     force: bool = False,
     progress: bool = True,
+    on_progress: Callable[[float], None] | None = None,
+    max_doc_chars: int = DEFAULT_MAX_DOC_CHARS,
     stop_after_shards: int | None = None,
 ) -> Trace | None:
     """Record `documents` through `model` into a trace at `out` (see module docstring); returns it.
 
     `context` defaults to DEFAULT_CONTEXT (capped by the model), `stride` to half the context. A
-    partial recording of the same documents with the same model and settings is resumed; one of
-    anything else is discarded. `stop_after_shards` stops early (returns None), as an interruption would."""
-    tokenizer = tokenizer if tokenizer is not None else model.tokenizer
-    if tokenizer is None:
-        raise TraceError("recording text needs a tokenizer: the model has none; pass tokenizer=")
+    document longer than `max_doc_chars` characters is refused (InputError naming it) before anything
+    is written. After every batch of windows the progress bar (`progress`) and `on_progress(done)`
+    get the number of documents recorded so far, fractional inside a document. A partial recording
+    of the same documents with the same model and settings is resumed; one of anything else is
+    discarded. `stop_after_shards` stops early (returns None), as an interruption would."""
+    tokenizer = tokenizer if tokenizer is not None else model.require_tokenizer("recording text")
     if not documents:
-        raise RecordInputError("there are no documents to record")
+        raise InputError("there are no documents to record")
+    if max_doc_chars < 1:
+        raise ConfigError(f"max_doc_chars must be >= 1, got {max_doc_chars}")
+    too_long = next((d for d in documents if len(d.text) > max_doc_chars), None)
+    if too_long is not None:
+        where = f"{source['name']}: " if source and source.get("name") else ""
+        raise InputError(f"{where}document {too_long.id!r} has {len(too_long.text):,} characters, more than "
+                         f"max_doc_chars={max_doc_chars:,}; split it into smaller documents or raise the limit")
     limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
     context = min(DEFAULT_CONTEXT, limit) if context is None else context
     stride = max(1, context // 2) if stride is None else stride
     if not 1 <= context <= limit:
-        raise TraceError(f"context must lie in [1, {limit}] (the model's maximum), got {context}")
+        raise ConfigError(f"context must lie in [1, {limit}] (the model's maximum), got {context}")
     if batch_size < 1 or shard_tokens < 1:
-        raise TraceError("batch_size and shard_tokens must be >= 1")
+        raise ConfigError("batch_size and shard_tokens must be >= 1")
     chunk_spans(0, context, stride)  # validates stride before anything is written
     recorder_layers = AccessRecorder(model, layers).layers
     meta = model_meta(model, recorder_layers) | {
@@ -342,14 +280,21 @@ def record_texts(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(documents), initial=next_doc, desc="record", unit="doc", disable=not progress)
+    bar = tqdm(total=len(documents), initial=next_doc, desc="record", unit="doc", disable=not progress,
+               bar_format="{l_bar}{bar}| {n:.2f}/{total_fmt} docs [{elapsed}<{remaining}{postfix}]")
+
+    def report(done: float) -> None:
+        bar.update(done - bar.n)
+        if on_progress is not None:
+            on_progress(done)
+
     try:
         while next_doc < len(documents):
             group_end, encoded = _next_group(tokenizer, documents, next_doc, shard_tokens)
             tokens, accesses = _record_group(model, recorder_layers, documents, next_doc, encoded, writer.next_row,
-                                             context, stride, batch_size, pad, device)
+                                             context, stride, batch_size, pad, device, report)
             writer.write(tokens, accesses, {"next_doc": group_end})
-            bar.update(group_end - next_doc)
+            report(group_end)
             next_doc = group_end
             if stop_after_shards is not None and writer.n_shards >= stop_after_shards and next_doc < len(documents):
                 return None
@@ -373,19 +318,18 @@ def _next_group(tokenizer: Any, documents: Sequence[Document], first: int, shard
 def _record_group(
     model: MemoryModel, layers: list[int], documents: Sequence[Document], first: int, encoded: list[dict[str, Any]],
     row0: int, context: int, stride: int, batch_size: int, pad: int, device: torch.device,
+    report: Callable[[float], None],
 ) -> tuple[Any, Any]:
-    """Run the group's windows through the model and build its tokens and accesses tables."""
-    windows = [(d, s, e, f) for d, enc in enumerate(encoded) for s, e, f in chunk_spans(len(enc["input_ids"]), context, stride)]
+    """Run the group's windows through the model and build its tokens and accesses tables; after each
+    batch, `report` gets the documents done (`first` plus each finished window's share of its document)."""
+    spans = [chunk_spans(len(enc["input_ids"]), context, stride) for enc in encoded]
+    windows = [(d, s, e, f) for d, doc_spans in enumerate(spans) for s, e, f in doc_spans]
+    done = [first + d + (j + 1) / len(doc_spans) for d, doc_spans in enumerate(spans) for j in range(len(doc_spans))]
     kept: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []  # doc, position, slots, weights
     with torch.no_grad(), AccessRecorder(model, layers) as rec:
         for b in range(0, len(windows), batch_size):
             batch = windows[b : b + batch_size]
-            width = max(e - s for _, s, e, _ in batch)
-            ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, (d, s, e, _) in enumerate(batch):
-                ids[row, : e - s] = torch.tensor(encoded[d]["input_ids"][s:e])
-                mask[row, : e - s] = 1
+            ids, mask = right_pad([encoded[d]["input_ids"][s:e] for d, s, e, _ in batch], pad)
             model(input_ids=ids.to(device), attention_mask=mask.to(device))
             if not rec.batches:
                 raise TraceError("the memory layers did not run (are they switched off?); nothing to record")
@@ -396,6 +340,7 @@ def _record_group(
             pos = starts[got.seq] + got.position
             new = pos >= firsts[got.seq]  # tokens an earlier window already recorded are dropped
             kept.append((docs[got.seq][new], pos[new], got.slots[new], got.weights[new]))
+            report(done[b + len(batch) - 1])
     if not kept:  # a group of empty documents
         n_layers, heads, knn = len(layers), model.memory_config.heads, model.memory_config.knn
         kept = [(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, n_layers, heads, knn), np.int32),

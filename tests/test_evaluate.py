@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from smviz.data.facts import Fact, Question, qa_prompt, qa_text
-from smviz.errors import SmvizError
+from smviz.errors import ModelFileError
 from smviz.evaluate import (
     answer_questions,
     evaluate_model,
@@ -209,8 +209,24 @@ def test_trained_model_answers_its_facts(tokenizer, trained):
 def test_answering_needs_a_tokenizer(tokenizer):
     model = micro(tokenizer)
     model.tokenizer = None
-    with pytest.raises(SmvizError, match="tokenizer"):
+    with pytest.raises(ModelFileError, match="the model has no tokenizer, and answering questions needs one"):
         answer_questions(model, FACTS)
+
+
+def test_evaluating_a_model_built_without_a_tokenizer_says_what_to_do(tmp_path):
+    """Case 8 of issue 14: a model saved as `smviz build --preset micro` saves it (no tokenizer) is
+    refused by the evaluation with one line naming the problem and the remedy, before any work."""
+    built = tmp_path / "built"
+    MemoryModel.from_preset("micro", seed=0).save_pretrained(built)
+    before = sorted((p.name, p.read_bytes()) for p in built.iterdir())
+    model = MemoryModel.from_pretrained(built)
+    rows = torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(ModelFileError) as err:
+        evaluate_model(model, facts={"known": FACTS}, heldout_rows=rows, usage_rows=rows)
+    message = str(err.value)
+    assert message.startswith("the model has no tokenizer, and evaluation needs one")
+    assert "smviz pretrain" in message and "\n" not in message
+    assert sorted((p.name, p.read_bytes()) for p in built.iterdir()) == before
 
 
 def test_answering_restores_training_mode(tokenizer):

@@ -526,7 +526,7 @@ def test_config_round_trip():
 
 def test_config_from_dict_ignores_unknown_with_warning(caplog):
     d = MemoryConfig(n_keys=8, knn=4).to_dict() | {"future_knob": 3, "another": "x"}
-    with caplog.at_level(logging.WARNING, logger="smviz.memory"):
+    with caplog.at_level(logging.WARNING, logger="smviz.config"):
         cfg = MemoryConfig.from_dict(d)
     assert cfg == MemoryConfig(n_keys=8, knn=4)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -535,7 +535,7 @@ def test_config_from_dict_ignores_unknown_with_warning(caplog):
 
 
 def test_config_from_dict_known_keys_do_not_warn(caplog):
-    with caplog.at_level(logging.WARNING, logger="smviz.memory"):
+    with caplog.at_level(logging.WARNING, logger="smviz.config"):
         MemoryConfig.from_dict(MemoryConfig().to_dict())
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -672,3 +672,23 @@ def test_initialisation_statistics():
     assert torch.equal(layer.query.bias, torch.zeros_like(layer.query.bias))
     assert layer.w2.weight.std().item() == pytest.approx(dim**-0.5, rel=0.15)
     assert layer.w1.weight.std().item() == pytest.approx(dim**-0.5, rel=0.15)
+
+
+def test_config_from_dict_type_checks_every_field():
+    with pytest.raises(ConfigError, match=r"MemoryConfig.heads must be an integer, got 'four'"):
+        MemoryConfig.from_dict({"heads": "four"})
+    with pytest.raises(ConfigError, match="MemoryConfig.swilu must be true or false"):
+        MemoryConfig.from_dict({"swilu": "maybe"})
+    with pytest.raises(ConfigError, match="MemoryConfig.layers must be a list"):
+        MemoryConfig.from_dict({"layers": 3})
+    with pytest.raises(ConfigError, match="MemoryConfig must be a JSON object"):
+        MemoryConfig.from_dict(["heads", 4])
+
+
+def test_config_from_dict_keeps_an_integer_in_a_float_field():
+    """memory.json is hashed: what was read must be written back byte for byte."""
+    d = MemoryConfig(n_keys=8, knn=4, value_lr_mult=10).to_dict()
+    text = json.dumps(d, sort_keys=True)
+    again = MemoryConfig.from_dict(json.loads(text))
+    assert json.dumps(again.to_dict(), sort_keys=True) == text
+    assert type(again.value_lr_mult) is int and type(again.key_lr_mult) is float

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
+import logging
 import math
+import pickle
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -19,10 +23,9 @@ import torch
 import transformers
 from torch import nn
 
-import smviz.model
-from smviz.errors import ConfigError, ModelFileError, SmvizError
+from smviz.errors import ConfigError, ModelFileError, SmvizError, WriteError
 from smviz.memory import MemoryConfig, ProductKeyMemory
-from smviz.model import PRESETS, Architecture, MemoryFFN, MemoryModel, register_architecture
+from smviz.model import PRESETS, Architecture, MemoryFFN, MemoryModel, register_architecture, registry, resolve_layer
 
 VOCAB = 96
 
@@ -505,7 +508,7 @@ def test_failed_save_leaves_existing_model_intact(tmp_path, micro_model, monkeyp
 
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     other = MemoryModel.from_preset("micro", seed=1)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(WriteError, match="disk full"):
         other.save_pretrained(d)
     assert snapshot(d) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
@@ -577,14 +580,14 @@ def test_tiny_preset_declared_shape():
 
 
 def test_register_architecture_makes_new_type_attachable(monkeypatch):
-    monkeypatch.setattr(smviz.model, "ARCHITECTURES", dict(smviz.model.ARCHITECTURES))
+    monkeypatch.setattr(registry, "ARCHITECTURES", dict(registry.ARCHITECTURES))
     config = transformers.GPTNeoXConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
         intermediate_size=64, max_position_embeddings=64,
     )
     torch.manual_seed(0)
     original = transformers.GPTNeoXForCausalLM(config).eval()
-    assert original.config.model_type not in smviz.model.ARCHITECTURES
+    assert original.config.model_type not in registry.ARCHITECTURES
     with pytest.raises(ConfigError, match="register_architecture"):
         MemoryModel(copy.deepcopy(original), mem_cfg())
 
@@ -601,12 +604,14 @@ def test_register_architecture_makes_new_type_attachable(monkeypatch):
 
 
 def test_register_architecture_custom_paths_are_used(monkeypatch):
-    """Re-registering llama with a wrong FFN attribute must make attaching fail: the registry is consulted."""
-    monkeypatch.setattr(smviz.model, "ARCHITECTURES", dict(smviz.model.ARCHITECTURES))
+    """Registering llama with a wrong FFN attribute must make attaching fail: the registry is consulted."""
+    without_llama = {k: v for k, v in registry.ARCHITECTURES.items() if k != "llama"}
+    monkeypatch.setattr(registry, "ARCHITECTURES", dict(without_llama))
     register_architecture("llama", Architecture(blocks="model.layers", ffn="no_such_ffn"))
     with pytest.raises(AttributeError):
         MemoryModel(tiny_llama(), mem_cfg())
     # and a custom hidden-size attribute is read from the HF config
+    monkeypatch.setattr(registry, "ARCHITECTURES", dict(without_llama))
     register_architecture("llama", Architecture(blocks="model.layers", ffn="mlp", hidden_size="intermediate_size"))
     with pytest.raises(RuntimeError):  # the memory now expects width 64 on a width-32 stream
         MemoryModel(tiny_llama(), mem_cfg())(input_ids=token_ids())
@@ -908,3 +913,146 @@ def test_no_balance_loss_when_weight_zero_or_no_labels():
     model = MemoryModel(tiny_llama(), mem_cfg(layers=(1,), balance_weight=0.5)).train()
     out = model(input_ids=ids)
     assert out.loss is None and "memory_aux_loss" not in out
+
+
+# --------------------------------------------------------------------------- 8. damaged files whose manifest was updated
+
+
+def _rewrite(directory, name: str, data: bytes) -> None:
+    """Replace one file of a model directory and update the manifest to match, as a careless edit would."""
+    (directory / name).write_bytes(data)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["files"][name] = hashlib.sha256(data).hexdigest()
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _one_line_refusal(directory, match: str) -> str:
+    before = snapshot(directory)
+    with pytest.raises(ModelFileError, match=match) as err:
+        MemoryModel.from_pretrained(directory)
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+    assert snapshot(directory) == before  # nothing on disk changed
+    return str(err.value)
+
+
+def test_memory_json_with_a_string_for_an_integer_is_refused_naming_the_field(saved_dir):
+    memory = json.loads((saved_dir / "memory.json").read_text())
+    memory["memory"]["heads"] = "four"
+    _rewrite(saved_dir, "memory.json", json.dumps(memory).encode())
+    message = _one_line_refusal(saved_dir, "memory.json")
+    assert "heads must be an integer" in message and "'four'" in message
+
+
+def test_memory_json_that_is_no_object_is_refused(saved_dir):
+    _rewrite(saved_dir, "memory.json", b'["not", "an", "object"]')
+    _one_line_refusal(saved_dir, "memory.json must hold a JSON object, got list")
+
+
+def test_memory_json_unknown_field_is_ignored_with_a_warning(saved_dir, caplog):
+    memory = json.loads((saved_dir / "memory.json").read_text())
+    memory["memory"]["future_knob"] = 1
+    _rewrite(saved_dir, "memory.json", json.dumps(memory).encode())
+    with caplog.at_level(logging.WARNING):
+        model = MemoryModel.from_pretrained(saved_dir)
+    assert model.memory_config == MemoryModel.from_preset("micro").memory_config
+    assert any("future_knob" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("field, value", [("hidden_size", "sixty-four"), ("num_hidden_layers", 2.5),
+                                          ("tie_word_embeddings", "yes"), ("model_type", 7)])
+def test_config_json_fields_are_type_checked(saved_dir, field, value):
+    config = json.loads((saved_dir / "config.json").read_text())
+    config[field] = value
+    _rewrite(saved_dir, "config.json", json.dumps(config).encode())
+    message = _one_line_refusal(saved_dir, "config.json")
+    assert field in message
+
+
+@pytest.mark.parametrize("files", [["model.safetensors"], {"memory.json": 3}, {"../outside": "0" * 64}])
+def test_manifest_entries_are_type_checked(saved_dir, files):
+    manifest = json.loads((saved_dir / "manifest.json").read_text())
+    manifest["files"] = files if isinstance(files, list) else manifest["files"] | files
+    (saved_dir / "manifest.json").write_text(json.dumps(manifest))
+    _one_line_refusal(saved_dir, "manifest.json")
+
+
+def test_a_pickle_named_model_safetensors_is_refused_and_never_unpickled(saved_dir, tmp_path):
+    sentinel = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (sentinel,))  # what loading the pickle would do
+
+    data = pickle.dumps({"weights": Payload()})
+    _rewrite(saved_dir, "model.safetensors", data)
+    message = _one_line_refusal(saved_dir, "model.safetensors is not a safetensors file")
+    assert str(saved_dir) in message
+    assert not sentinel.exists()
+    torch_file = io.BytesIO()
+    torch.save({"w": torch.zeros(2)}, torch_file)  # torch's own (zip + pickle) format
+    _rewrite(saved_dir, "model.safetensors", torch_file.getvalue())
+    _one_line_refusal(saved_dir, "is not a safetensors file")
+
+
+def test_a_truncated_model_safetensors_is_refused(saved_dir):
+    data = (saved_dir / "model.safetensors").read_bytes()
+    _rewrite(saved_dir, "model.safetensors", data[: len(data) // 2])
+    _one_line_refusal(saved_dir, "is not a safetensors file")
+
+
+def test_weights_of_another_shape_are_refused(saved_dir):
+    state = safetensors.torch.load_file(saved_dir / "model.safetensors")
+    name = next(k for k in state if state[k].dim() == 2)
+    state[name] = torch.zeros(3, 3)
+    _rewrite(saved_dir, "model.safetensors", safetensors.torch.save(state))
+    _one_line_refusal(saved_dir, "does not match its config")
+
+
+def test_saving_onto_a_file_is_refused(tmp_path, micro_model):
+    f = tmp_path / "model"
+    f.write_text("a file")
+    with pytest.raises(ModelFileError, match="is a file"):
+        micro_model.save_pretrained(f)
+    assert f.read_text() == "a file" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    with pytest.raises(ModelFileError, match="is a file, not a model directory"):
+        MemoryModel.from_pretrained(f)
+    with pytest.raises(WriteError, match="cannot write"):
+        micro_model.save_pretrained(f / "inside")  # a file where a folder must be
+    assert f.read_text() == "a file" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    assert micro_model.model_hash is None
+
+
+# --------------------------------------------------------------------------- 9. registry, layers, tokenizer
+
+
+def test_registering_a_name_twice_is_refused():
+    before = dict(registry.ARCHITECTURES)
+    with pytest.raises(ConfigError, match="'llama' is already registered"):
+        register_architecture("llama", Architecture(blocks="model.layers", ffn="mlp"))
+    assert registry.ARCHITECTURES == before
+
+
+def test_resolve_layer_one_function_one_message_style():
+    assert resolve_layer(None, (3,)) == 3
+    assert resolve_layer(1, [0, 1], what="this trace") == 1
+    with pytest.raises(ConfigError, match=r"^this trace has memory layers \[0, 1\]; say which one \(layer=\.\.\.\)$"):
+        resolve_layer(None, (1, 0), what="this trace")
+    with pytest.raises(ConfigError, match=r"^the model has no memory layer 2; its memory layers are \[0, 1\]$"):
+        resolve_layer(2, (0, 1))
+    with pytest.raises(ConfigError, match="no memory layer"):
+        resolve_layer(True, (1,))
+    model = MemoryModel(tiny_llama(), mem_cfg(layers=(0, 1)))
+    assert model.resolve_layer(0) == 0
+    with pytest.raises(ConfigError, match="say which one"):
+        model.resolve_layer(None)
+    with pytest.raises(ConfigError, match="no memory layer 5"):
+        with model.memory_off([5]):
+            pass
+
+
+def test_require_tokenizer_says_what_to_do(micro_model):
+    with pytest.raises(ModelFileError, match="the model has no tokenizer, and evaluation needs one") as err:
+        micro_model.require_tokenizer("evaluation")
+    assert "smviz pretrain" in str(err.value) and "\n" not in str(err.value)
+    micro_model.tokenizer = make_tokenizer()
+    assert micro_model.require_tokenizer("evaluation") is micro_model.tokenizer

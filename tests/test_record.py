@@ -17,9 +17,16 @@ from smviz.data.facts import qa_text
 from smviz.data.tokenizer import train_tokenizer
 from smviz.data.world import WorldConfig, generate_world
 from smviz.data.facts import write_facts
-from smviz.errors import TraceError
+from smviz.errors import ConfigError, InputError, ModelFileError, TraceError, WriteError
 from smviz.model import MemoryModel
-from smviz.record import AccessRecorder, Document, RecordInputError, chunk_spans, read_documents, record_texts
+from smviz.record import (
+    DEFAULT_MAX_DOC_CHARS,
+    AccessRecorder,
+    Document,
+    chunk_spans,
+    read_documents,
+    record_texts,
+)
 from smviz.trace import Trace
 
 
@@ -131,8 +138,10 @@ def test_generate_records_each_call_with_cache_positions(model, device):
 
 
 def test_unknown_layer_is_refused(model):
-    with pytest.raises(TraceError, match="not memory layers"):
+    with pytest.raises(ConfigError, match=r"the model has no memory layer 0; its memory layers are \[1\]"):
         AccessRecorder(model, layers=[0])
+    with pytest.raises(ConfigError, match="layers is empty"):
+        AccessRecorder(model, layers=[])
 
 
 def test_chunk_spans_record_every_token_once():
@@ -142,7 +151,7 @@ def test_chunk_spans_record_every_token_once():
         assert recorded == list(range(n))
         for start, end, first in spans:
             assert end - start <= context and (first == 0 or first - start >= context - stride)
-    with pytest.raises(TraceError):
+    with pytest.raises(ConfigError, match="stride"):
         chunk_spans(5, 4, 5)
 
 
@@ -209,7 +218,7 @@ def test_existing_trace_is_not_replaced_without_force(model, tmp_path):
 def test_bad_input_is_refused_and_writes_nothing(saved_model, tmp_path, capsys, content, message):
     path = tmp_path / "in.jsonl"
     path.write_bytes(content)
-    with pytest.raises(RecordInputError, match=message):
+    with pytest.raises(InputError, match=message):
         read_documents(path)
     out = tmp_path / "traces" / "t"
     assert main(["record", "--model", str(saved_model), "--input", str(path), "--out", str(out), "--device", "cpu"]) == 2
@@ -239,3 +248,55 @@ def test_cli_record_writes_a_trace(saved_model, articles, tmp_path, capsys):
     assert trace.meta["source"]["kind"] == "texts" and trace.meta["source"]["name"] == "texts.jsonl"
     assert trace.model_hash == MemoryModel.from_pretrained(saved_model).model_hash
     assert trace.to_pandas("tokens")["doc_id"].iloc[0] == "art0"
+
+
+def listing(directory) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(directory)), p.stat().st_size) for p in directory.rglob("*"))
+
+
+def test_a_huge_document_is_refused_by_name_before_anything_is_written(model, tmp_path):
+    """Case 12 of issue 14: a document of one 5 MB line is refused at once (default limit), and any
+    document over a configured `max_doc_chars` likewise, naming it; nothing is written."""
+    before = listing(tmp_path)
+    huge = [Document("short", "Hello."), Document("one-line", "word " * 1_000_000)]  # 5 MB, no newline
+    assert len(huge[1].text) > DEFAULT_MAX_DOC_CHARS
+    with pytest.raises(InputError, match=r"^notes.jsonl: document 'one-line' has 5,000,000 characters, more than "
+                                         r"max_doc_chars=1,000,000; split it"):
+        record_texts(model, huge, tmp_path / "t", source={"name": "notes.jsonl"}, progress=False)
+    docs = [Document("a", "Short text."), Document("b", "A text of forty characters, or nearly...")]
+    with pytest.raises(InputError, match=r"document 'b' has 40 characters, more than max_doc_chars=20") as err:
+        record_texts(model, docs, tmp_path / "t", max_doc_chars=20, progress=False)
+    assert "\n" not in str(err.value)
+    assert listing(tmp_path) == before
+    assert record_texts(model, docs, tmp_path / "t", max_doc_chars=40, progress=False).n_docs == 2
+
+
+def test_progress_advances_with_every_batch_of_windows(model, articles, tmp_path):
+    text = " ".join(a.text for a in articles[:3])  # one long document: many windows
+    n_windows = len(chunk_spans(len(model.tokenizer(text, add_special_tokens=False)["input_ids"]), 16, 8))
+    assert n_windows >= 20
+    seen: list[float] = []
+    trace = record_texts(model, [Document("long", text)], tmp_path / "t", context=16, stride=8, batch_size=4,
+                         progress=False, on_progress=seen.append)
+    assert trace.n_docs == 1
+    assert seen[-1] == 1.0 and all(b >= a for a, b in zip(seen, seen[1:]))
+    inside = [x for x in seen if 0 < x < 1]
+    assert len(inside) == -(-n_windows // 4) - 1  # one report per batch of 4 windows, the last one reaching 1
+    assert inside[0] == pytest.approx(4 / n_windows)
+
+
+def test_recording_text_without_a_tokenizer_says_so(model, tmp_path):
+    bare = MemoryModel.from_preset("micro", seed=0)
+    with pytest.raises(ModelFileError, match="the model has no tokenizer, and recording text needs one"):
+        record_texts(bare, [Document("a", "text")], tmp_path / "t", progress=False)
+    assert not (tmp_path / "t").exists()
+
+
+def test_recording_under_a_file_is_a_write_error_and_changes_nothing(model, tmp_path):
+    blocker = tmp_path / "traces"
+    blocker.write_text("not a folder")
+    before = listing(tmp_path)
+    with pytest.raises(WriteError, match="cannot write") as err:
+        record_texts(model, [Document("a", "Some text.")], blocker / "t", progress=False)
+    assert "\n" not in str(err.value)
+    assert listing(tmp_path) == before and blocker.read_text() == "not a folder"

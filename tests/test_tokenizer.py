@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from smviz.data.corpus import load_articles
-from smviz.data.tokenizer import EOT, SPECIAL_TOKENS, pack_documents, train_tokenizer
+from smviz.data.tokenizer import EOT, SPECIAL_TOKENS, pack_documents, right_pad, train_tokenizer
 from smviz.errors import ConfigError
 
 VOCAB = 512
@@ -186,3 +186,14 @@ def test_pack_documents_ignores_padding_left_on_the_backend():
     tok(texts, padding=True)
     tok.backend_tokenizer.enable_padding(direction="left", pad_id=0, pad_token="<|endoftext|>")
     assert torch.equal(pack_documents(tok, texts, seq_len=4), expected)
+
+
+def test_right_pad_against_a_hand_built_batch():
+    ids, mask = right_pad([[5, 6, 7], [8], [9, 10]], pad_id=0)
+    assert ids.dtype == mask.dtype == torch.long
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0], [9, 10, 0]]
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 1, 0]]
+    ids, mask = right_pad([(3,), ()], pad_id=-1)  # an empty sequence is all padding
+    assert ids.tolist() == [[3], [-1]] and mask.tolist() == [[1], [0]]
+    with pytest.raises(ConfigError, match="at least one sequence"):
+        right_pad([], pad_id=0)

@@ -13,7 +13,7 @@ import torch
 
 from smviz.data.corpus import load_articles
 from smviz.data.tokenizer import train_tokenizer
-from smviz.errors import TraceError
+from smviz.errors import ConfigError, TraceError
 from smviz.model import MemoryModel
 from smviz.record import AccessRecorder, Document, record_texts
 from smviz.trace import SlotIndex, Trace
@@ -137,8 +137,10 @@ def test_queries_out_of_range_are_refused(setting):
     for bad in (-1, trace.n_slots, 2**40, "7"):
         with pytest.raises(TraceError, match="out of range"):
             index.contexts(bad)
-    with pytest.raises(TraceError, match="not recorded"):
+    with pytest.raises(ConfigError, match=r"this trace has no memory layer 0; its memory layers are \[1\]"):
         index.contexts(3, layer=0)
+    with pytest.raises(ConfigError, match="no memory layer 0"):
+        trace.slot_counts(0)
     with pytest.raises(TraceError, match="out of range"):
         index.slots_for(trace.n_docs, 0, 1)
     with pytest.raises(TraceError, match="no document"):

@@ -4,12 +4,14 @@ generated texts (held-out questions never in training text), and the on-disk con
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
 import pytest
 
 from smviz.data.facts import read_facts
+from smviz.errors import ConfigError, InputError, WriteError
 from smviz.data.world import (
     FAMOUS_NAMES,
     FIRST_NAMES,
@@ -21,7 +23,6 @@ from smviz.data.world import (
     SURNAMES,
     World,
     WorldConfig,
-    WorldError,
     _draw_names,
     generate_world,
     read_world,
@@ -267,7 +268,7 @@ def test_writing_the_same_world_again_is_a_no_op(tmp_path):
 def test_refuses_a_different_world_and_changes_nothing(tmp_path):
     write_world(tmp_path, small(seed=0))
     before = snapshot(tmp_path)
-    with pytest.raises(WorldError, match="force"):
+    with pytest.raises(WriteError, match="force"):
         write_world(tmp_path, small(seed=1))
     assert snapshot(tmp_path) == before
     assert read_world(tmp_path) == small(seed=0)
@@ -283,7 +284,7 @@ def test_force_overwrites(tmp_path):
 def test_unreadable_world_json_is_refused_without_force(tmp_path):
     (tmp_path / "world.json").write_text("{not json")
     before = snapshot(tmp_path)
-    with pytest.raises(WorldError):
+    with pytest.raises(WriteError, match="not readable JSON"):
         write_world(tmp_path, small())
     assert snapshot(tmp_path) == before
     write_world(tmp_path, small(), force=True)
@@ -295,17 +296,17 @@ def test_read_detects_changed_or_missing_files(tmp_path):
     write_world(tmp_path, w)
     path = tmp_path / "facts-known.jsonl"
     path.write_text(path.read_text().replace(w.known[0].statements[0], "Someone else was born somewhere."))
-    with pytest.raises(WorldError, match="fingerprint"):
+    with pytest.raises(InputError, match="fingerprint"):
         read_world(tmp_path)
     assert write_world(tmp_path, w) is True  # same world recorded, damaged files: repaired
     assert read_world(tmp_path) == w
     (tmp_path / "facts-new.jsonl").unlink()
-    with pytest.raises(WorldError, match="facts-new.jsonl"):
+    with pytest.raises(InputError, match="facts-new.jsonl"):
         read_world(tmp_path)
     (tmp_path / "world.json").unlink()
-    with pytest.raises(WorldError, match="world.json"):
+    with pytest.raises(InputError, match="world.json"):
         read_world(tmp_path)
-    with pytest.raises(WorldError):
+    with pytest.raises(InputError):
         read_world(tmp_path / "nowhere")
 
 
@@ -313,13 +314,13 @@ def test_read_rejects_a_foreign_world_json(tmp_path):
     write_world(tmp_path, small())
     meta = json.loads((tmp_path / "world.json").read_text())
     (tmp_path / "world.json").write_text(json.dumps({**meta, "format": "other/1"}))
-    with pytest.raises(WorldError, match="format"):
+    with pytest.raises(InputError, match="format"):
         read_world(tmp_path)
 
 
 def test_write_into_a_file_path_fails(tmp_path):
     (tmp_path / "f").write_text("x")
-    with pytest.raises(WorldError, match="not a directory"):
+    with pytest.raises(WriteError, match="not a directory"):
         write_world(tmp_path / "f", small())
 
 
@@ -346,7 +347,7 @@ def test_write_into_a_file_path_fails(tmp_path):
     ],
 )
 def test_invalid_config_raises(kw):
-    with pytest.raises(WorldError) as info:
+    with pytest.raises(ConfigError) as info:
         WorldConfig(**kw)
     assert isinstance(info.value, SmvizError) and isinstance(info.value, ValueError)
     assert next(iter(kw)) in str(info.value) or "n_known + n_bio_only" in str(info.value)
@@ -355,17 +356,33 @@ def test_invalid_config_raises(kw):
 def test_invalid_config_is_rechecked_on_generate():
     config = WorldConfig()
     config.statements_per_fact = 10
-    with pytest.raises(WorldError, match="statements_per_fact"):
+    with pytest.raises(ConfigError, match="statements_per_fact"):
         generate_world(config)
 
 
-def test_config_dict_round_trip():
+def test_config_dict_round_trip(caplog):
     config = WorldConfig(seed=4, n_known=3, n_bio_only=2, n_new=1, relations=("university",), statements_per_fact=20)
     d = config.to_dict()
     assert json.loads(json.dumps(d)) == d and d["relations"] == ["university"]
     assert WorldConfig.from_dict(d) == config
     assert WorldConfig.from_dict({}) == WorldConfig()
-    with pytest.raises(WorldError, match="unknown"):
-        WorldConfig.from_dict({**d, "n_old": 3})
+    with caplog.at_level(logging.WARNING):
+        assert WorldConfig.from_dict({**d, "n_old": 3}) == config  # a newer smviz's key: ignored, with a warning
+    assert "n_old" in caplog.text
+    with pytest.raises(ConfigError, match="WorldConfig.n_known must be an integer"):
+        WorldConfig.from_dict({**d, "n_known": "three"})
     w = generate_world(config)
     assert all(len(f.statements) == 20 == len(set(f.statements)) for f in w.facts())
+
+
+def test_read_names_the_facts_file_and_line_of_a_malformed_fact(tmp_path):
+    write_world(tmp_path, small())
+    path = tmp_path / "facts-bio.jsonl"
+    lines = path.read_text().splitlines()
+    bad = json.loads(lines[1]) | {"questions": ["Where?"]}
+    path.write_text("\n".join([lines[0], json.dumps(bad), *lines[2:]]) + "\n")
+    before = snapshot(tmp_path)
+    with pytest.raises(InputError, match=r"facts-bio\.jsonl, line 2: questions must be objects \{text, template, heldout\}") as err:
+        read_world(tmp_path)
+    assert "\n" not in str(err.value)
+    assert snapshot(tmp_path) == before

@@ -5,7 +5,7 @@ with documented columns — the notebook API that the app and the reports reuse
 
 from smviz.analysis.ablate import ablate_slots, ablated, ablation_test, accessed_slots, answer_logprob
 from smviz.analysis.diff import DiffError, ModelDiff, access_shift, allowed_rows, diff_models, diff_run_model, diff_run_steps, fact_shift
-from smviz.analysis.entities import EntityError, align_tokens, entity_spans, load_pipeline
+from smviz.analysis.entities import align_tokens, entity_spans, load_pipeline
 from smviz.analysis.entity_stats import (
     alignment_of_selection,
     bh_q_values,
@@ -36,7 +36,7 @@ from smviz.analysis.tfidf import TfidfError, batch_slot_counts, step_slot_counts
 from smviz.analysis.vocab import promoted_tokens
 
 __all__ = [
-    "DiffError", "EntityError", "ModelDiff", "ModelMismatchError", "OverlapError", "Run", "RunError", "TfidfError",
+    "DiffError", "ModelDiff", "ModelMismatchError", "OverlapError", "Run", "RunError", "TfidfError",
     "ablate_slots", "ablated", "co_accessed", "selection_history", "value_norm_history", "ablation_test", "access_shift", "accessed_slots", "align_tokens", "alignment_of_selection",
     "allowed_rows", "answer_logprob", "background_overlap", "background_top", "batch_slot_counts", "bh_q_values", "churn",
     "core_coverage", "core_set", "core_sets", "cross_run", "diff_models", "diff_run_model", "diff_run_steps",

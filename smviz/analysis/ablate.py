@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from smviz.data.facts import Fact, qa_prompt
-from smviz.errors import ConfigError, SmvizError
+from smviz.errors import ConfigError
 from smviz.evaluate import answer_questions
 from smviz.model import MemoryModel
 from smviz.record import AccessRecorder
@@ -36,22 +36,15 @@ Slots = Sequence[int] | np.ndarray | torch.Tensor | Mapping[int, Sequence[int] |
 def resolve_slots(model: MemoryModel, slots: Slots, layer: int | None = None) -> dict[int, torch.Tensor]:
     """{memory block: sorted unique slot ids} from a slot list (of `layer`, default the only memory
     layer) or a dict {block: slots}; refuses unknown blocks and slot ids out of range."""
-    layers = model.memory_layers
     if isinstance(slots, Mapping):
         if layer is not None:
             raise ConfigError("give either slots as {layer: slots} or layer=..., not both")
-        chosen = dict(slots)
+        chosen = {model.resolve_layer(block): ids for block, ids in slots.items()}
     else:
-        if layer is None:
-            if len(layers) != 1:
-                raise ConfigError(f"the model has memory layers {list(layers)}; say which one (layer=...)")
-            layer = next(iter(layers))
-        chosen = {layer: slots}
+        chosen = {model.resolve_layer(layer): slots}
     n = model.memory_config.n_slots
     out = {}
     for block, ids in chosen.items():
-        if block not in layers:
-            raise ConfigError(f"block {block} has no memory layer; memory layers are at {list(layers)}")
         t = torch.as_tensor(np.asarray(ids), dtype=torch.long).flatten()
         if len(t) and (t.min() < 0 or t.max() >= n):
             bad = int(t[(t < 0) | (t >= n)][0])
@@ -76,7 +69,7 @@ def ablated(model: MemoryModel, slots: Slots, *, layer: int | None = None) -> It
 
             def zero(_layer, indices, weights, _mask, ids_dev=ids_dev):
                 if weights.requires_grad:
-                    raise SmvizError("slot ablation edits the read weights in place: run the model under torch.no_grad()")
+                    raise ConfigError("slot ablation edits the read weights in place: run the model under torch.no_grad()")
                 weights.masked_fill_(torch.isin(indices, ids_dev), 0)
 
             stack.callback(memory.add_access_hook(zero).remove)
@@ -95,9 +88,7 @@ def _questions(facts: Fact | Sequence[Fact], heldout: bool) -> tuple[list[Fact],
 
 def _encode(model: MemoryModel, question: str, answer: str) -> tuple[list[int], int]:
     """Token ids of qa_prompt(question) + ' ' + answer, and where the answer tokens start."""
-    tok = model.tokenizer
-    if tok is None:
-        raise SmvizError("the model has no tokenizer; answer log-probabilities need one")
+    tok = model.require_tokenizer("scoring answer log-probabilities")
     prompt = tok(qa_prompt(question), add_special_tokens=False)["input_ids"]
     full = tok(f"{qa_prompt(question)} {answer}", add_special_tokens=False)["input_ids"]
     start = 0

@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import warnings
 import weakref
 from collections.abc import Iterable
@@ -38,7 +37,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from smviz.errors import SmvizError
+from smviz.errors import ConfigError, WriteError
+from smviz.io import atomic_open
+from smviz.trace.format import entity_cache_file
 
 if TYPE_CHECKING:
     from spacy.language import Language
@@ -58,10 +59,6 @@ CACHE_FORMAT = "smviz-entities/1"
 _MEMORY_CACHE: weakref.WeakKeyDictionary[Any, dict[str, pd.DataFrame]] = weakref.WeakKeyDictionary()
 
 
-class EntityError(SmvizError, ValueError):
-    """Entity analysis cannot run: pipeline not installed, mismatched trace/run, bad slot or selection."""
-
-
 # --------------------------------------------------------------------------- the pipeline
 
 
@@ -74,7 +71,7 @@ def load_pipeline(
     installed, else any installed pipeline. Its ``ner`` stays enabled with the components it listens to
     (a shared ``tok2vec``/``transformer``) and any ``entity_ruler``; tagger, parser, lemmatizer, ... are
     disabled (en_core_web_sm's ner has its own tok2vec: only ``ner`` runs). A named pipeline that is not
-    installed raises `EntityError` with the install command, unless `fallback`. When no pipeline is
+    installed raises `ConfigError` with the install command, unless `fallback`. When no pipeline is
     installed (name None), or a named one is missing with `fallback`, the result is ``spacy.blank("en")``
     + an ``entity_ruler`` whose patterns are `fallback_entities` (e.g. the fact world's
     ``Fact.entities``), with a warning that says so."""
@@ -92,7 +89,7 @@ def load_pipeline(
         except OSError as e:
             req = KNOWN_PIPELINES.get(name, name.replace("_", "-"))
             if not fallback:
-                raise EntityError(
+                raise ConfigError(
                     f"the spaCy pipeline {name!r} is not installed ({str(e).splitlines()[0][:120]}); install it with "
                     f"`pip install {req}`, or pass fallback=True for a rule-based pipeline built from the fact "
                     "world's entities"
@@ -100,7 +97,7 @@ def load_pipeline(
             why = f"the spaCy pipeline {name!r} is not installed (`pip install {req}`)"
         else:
             if "ner" not in nlp.pipe_names and "entity_ruler" not in nlp.pipe_names:
-                raise EntityError(f"the spaCy pipeline {name!r} has no 'ner' or 'entity_ruler' component "
+                raise ConfigError(f"the spaCy pipeline {name!r} has no 'ner' or 'entity_ruler' component "
                                   f"(it has {nlp.pipe_names}); pick a pipeline that recognises entities")
             keep = {"ner", "entity_ruler"} | {
                 n for n, pipe in nlp.pipeline if "ner" in (getattr(pipe, "listening_components", None) or [])
@@ -164,14 +161,14 @@ def entity_spans(trace: Trace, nlp: Language, *, batch_size: int = 256, cache: b
     on-disk trace in ``<trace>/entities/<key>.parquet`` (written atomically) keyed by the pipeline and
     the trace's shard hashes, so a re-recorded trace is analysed afresh."""
     if batch_size < 1:
-        raise EntityError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     ident = {"format": CACHE_FORMAT, "pipeline": pipeline_key(nlp),
              "trace": trace.meta.get("shards") or trace.meta.get("counts")}
     key = _digest(json.dumps(ident, sort_keys=True, default=str).encode())[:24]
     memo = _MEMORY_CACHE.setdefault(trace, {})
     if cache and key in memo:
         return memo[key].copy()
-    file = trace.path / "entities" / f"{key}.parquet" if trace.path is not None else None
+    file = entity_cache_file(trace.path, key) if trace.path is not None else None
     if cache and file is not None and file.is_file():
         try:
             df = _span_frame(pq.read_table(file).to_pandas())
@@ -198,11 +195,9 @@ def entity_spans(trace: Trace, nlp: Language, *, batch_size: int = 256, cache: b
         memo[key] = df
         if file is not None:
             try:
-                file.parent.mkdir(exist_ok=True)
-                tmp = file.with_name(f".{file.name}.tmp-{os.getpid()}")
-                pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp)
-                os.replace(tmp, file)
-            except OSError as e:  # a read-only trace still gets its in-memory cache
+                with atomic_open(file, "wb") as f:
+                    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), f)
+            except WriteError as e:  # a read-only trace still gets its in-memory cache
                 log.warning("could not cache entity spans in %s (%s)", file, e)
     return df.copy()
 
@@ -219,7 +214,7 @@ def align_tokens(trace: Trace, spans: pd.DataFrame) -> pd.DataFrame:
     string, '' for none). Vectorised: one searchsorted over all tokens."""
     missing = {"doc", "start", "end", "label", "text"} - set(spans.columns)
     if missing:
-        raise EntityError(f"spans lack columns {sorted(missing)}; pass what entity_spans returns")
+        raise ConfigError(f"spans lack columns {sorted(missing)}; pass what entity_spans returns")
     tokens = trace.tokens
     t_doc = tokens.column("doc").to_numpy().astype(np.int64)
     t_start = tokens.column("start").to_numpy().astype(np.int64)
@@ -228,11 +223,11 @@ def align_tokens(trace: Trace, spans: pd.DataFrame) -> pd.DataFrame:
     s_start = spans["start"].to_numpy(dtype=np.int64)
     s_end = spans["end"].to_numpy(dtype=np.int64)
     if np.any(s_end <= s_start) or np.any(s_start < 0):
-        raise EntityError("every span needs 0 <= start < end")
+        raise ConfigError("every span needs 0 <= start < end")
     order = np.lexsort((s_start, s_doc))
     so_doc, so_start, so_end = s_doc[order], s_start[order], s_end[order]
     if np.any((so_doc[1:] == so_doc[:-1]) & (so_start[1:] < so_end[:-1])):
-        raise EntityError("spans of one document overlap; give non-overlapping spans (as spaCy's doc.ents)")
+        raise ConfigError("spans of one document overlap; give non-overlapping spans (as spaCy's doc.ents)")
     big = int(max(t_end.max(initial=0), so_end.max(initial=0))) + 2
     span_key = so_doc * big + so_end  # sorted: spans are disjoint and sorted by start within a doc
     # the first span (of the token's doc) that ends after the token starts is the only leftmost candidate

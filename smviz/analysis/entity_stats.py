@@ -14,7 +14,8 @@ import pandas as pd
 import pyarrow.compute as pc
 from scipy import stats
 
-from smviz.analysis.entities import EntityError
+from smviz.data.facts import parse_fact_doc_id
+from smviz.errors import AnalysisError, ConfigError
 
 if TYPE_CHECKING:
 
@@ -46,7 +47,7 @@ def slot_entity_profile(
     (``hypergeom.sf(k-1, M, n, N)``: M reads of the layer, n of them on entities, N reads of s, k on
     entities), q_value = Benjamini–Hochberg over the rows returned. All vectorised (bincount)."""
     if min_reads < 0 or top < 0:
-        raise EntityError(f"min_reads and top must be >= 0, got {min_reads} and {top}")
+        raise ConfigError(f"min_reads and top must be >= 0, got {min_reads} and {top}")
     tok_entity, lab_codes, labels, str_codes, strings = _token_arrays(trace, tokens)
     slot, weight, token = _layer_accesses(trace, layer)
     n = trace.n_slots
@@ -117,8 +118,9 @@ def selection_entity_alignment(
     """Do the slots a finetuning run selected sit on entity tokens more than accessed slots in general?
 
     A slot is *entity-aligned* in a pool of documents when at least `threshold` of its access mass
-    there falls on entity tokens. The pool of a fact is its documents in the trace (doc_id
-    ``'<fact_id>:...'``, as a trace of the facts file has them; a step uses its fact's pool); where the
+    there falls on entity tokens. The pool of a fact is its documents in the trace (doc ids
+    ``'<fact_id>:sI'`` / ``'<fact_id>:qJ'``, `smviz.data.facts.fact_doc_id`, as a trace of the facts file
+    has them; a step uses its fact's pool); where the
     trace holds none of the fact's documents the pool is the whole trace (column pool = 'trace').
 
     One row per fact (`by="fact"`, selections unioned over its steps) or per step (`by="step"`):
@@ -129,13 +131,13 @@ def selection_entity_alignment(
     hypergeometric probability that a draw reaches share). The run must start from the model the trace
     was recorded with."""
     if by not in ("fact", "step"):
-        raise EntityError(f"by must be 'fact' or 'step', got {by!r}")
+        raise ConfigError(f"by must be 'fact' or 'step', got {by!r}")
     if not 0.0 < threshold <= 1.0 or draws < 1:
-        raise EntityError(f"threshold must lie in (0, 1] and draws be >= 1, got {threshold} and {draws}")
+        raise ConfigError(f"threshold must lie in (0, 1] and draws be >= 1, got {threshold} and {draws}")
     if trace.model_hash is None or trace.model_hash != run.base_model_hash:
-        raise EntityError(f"the trace was recorded with model {trace.model_hash}, but the run started from model "
+        raise AnalysisError(f"the trace was recorded with model {trace.model_hash}, but the run started from model "
                           f"{run.base_model_hash}; record a trace with the run's base model")
-    layer = _trace_layer(trace, layer)
+    layer = trace.resolve_layer(layer)
     selection = run.selected(by=by, layer=layer)
     if by == "fact":
         fact_of = {k: k for k in selection}
@@ -154,12 +156,12 @@ def alignment_of_selection(
     """`selection_entity_alignment` on a selection given directly: {key: slot ids}, and the fact id of
     every key (`fact_of`). Same columns."""
     if not selection or not any(len(v) for v in selection.values()):
-        raise EntityError("the selection is empty: no slots to analyse")
+        raise ConfigError("the selection is empty: no slots to analyse")
     n = trace.n_slots
     sel = {k: np.unique(_check_slots(np.asarray(v), n)) for k, v in selection.items()}
     empty = [k for k, v in sel.items() if len(v) == 0]
     if empty:
-        raise EntityError(f"the selection of {empty[:5]} is empty; drop those keys")
+        raise ConfigError(f"the selection of {empty[:5]} is empty; drop those keys")
     tok_entity, *_ = _token_arrays(trace, tokens)
     slot, weight, token = _layer_accesses(trace, layer)
     ent = tok_entity[token] >= 0
@@ -169,7 +171,7 @@ def alignment_of_selection(
     fact_index = {f: i + 1 for i, f in enumerate(facts)}
     encoded = trace.tokens.column("doc_id").combine_chunks().dictionary_encode() if trace.n_tokens else None
     if encoded is not None:
-        owners = [s.rsplit(":", 1)[0] if ":" in s else None for s in encoded.dictionary.to_pylist()]  # per document
+        owners = [_fact_of(s) for s in encoded.dictionary.to_pylist()]  # per document
         group_of_id = np.array([fact_index.get(o, 0) for o in owners], dtype=np.int64)
         tok_group = group_of_id[encoded.indices.to_numpy(zero_copy_only=False)]
     else:
@@ -221,29 +223,24 @@ def alignment_of_selection(
 # --------------------------------------------------------------------------- internals
 
 
+def _fact_of(doc_id: str) -> str | None:
+    parsed = parse_fact_doc_id(doc_id)
+    return parsed.fact_id if parsed else None
+
+
 def _check_slots(slots: np.ndarray, n: int) -> np.ndarray:
     if slots.size and not np.issubdtype(slots.dtype, np.integer):
-        raise EntityError(f"slot ids must be integers, got {slots.dtype}")
+        raise ConfigError(f"slot ids must be integers, got {slots.dtype}")
     slots = slots.astype(np.int64).reshape(-1)
     bad = slots[(slots < 0) | (slots >= n)]
     if len(bad):
-        raise EntityError(f"slot {int(bad[0])} is out of range: the memory has {n:,} slots (0..{n - 1})")
+        raise ConfigError(f"slot {int(bad[0])} is out of range: the memory has {n:,} slots (0..{n - 1})")
     return slots
-
-
-def _trace_layer(trace: Trace, layer: int | None) -> int:
-    if layer is None:
-        if len(trace.layers) != 1:
-            raise EntityError(f"this trace holds layers {trace.layers}; say which one (layer=...)")
-        return trace.layers[0]
-    if layer not in trace.layers:
-        raise EntityError(f"layer {layer} was not recorded; this trace holds layers {trace.layers}")
-    return int(layer)
 
 
 def _layer_accesses(trace: Trace, layer: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(slot, weight float64, token row) of every read of one memory layer."""
-    layer = _trace_layer(trace, layer)
+    layer = trace.resolve_layer(layer)
     slots, weights, tokens = [], [], []
     for acc in trace.iter_table("accesses"):
         if len(trace.layers) > 1:
@@ -260,7 +257,7 @@ def _token_arrays(trace: Trace, tokens: pd.DataFrame) -> tuple[np.ndarray, np.nd
     """(entity per row, label code per row (-1 none), labels, string code per row (-1), strings)."""
     need = {"entity", "label", "text"}
     if not need <= set(tokens.columns) or len(tokens) != trace.n_tokens:
-        raise EntityError(f"tokens must be align_tokens(trace, spans) of this trace ({trace.n_tokens} rows with "
+        raise ConfigError(f"tokens must be align_tokens(trace, spans) of this trace ({trace.n_tokens} rows with "
                           f"{sorted(need)}); got {len(tokens)} rows with {list(tokens.columns)}")
     lab = pd.Categorical(tokens["label"])
     txt = pd.Categorical(tokens["text"])

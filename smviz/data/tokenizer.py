@@ -1,4 +1,5 @@
-"""A small byte-level BPE tokenizer trained on the background corpus, and document packing.
+"""A small byte-level BPE tokenizer trained on the background corpus, document packing, and the one
+right-padded batch builder (`right_pad`).
 
 Byte-level (GPT-2 style): text is first mapped to its UTF-8 bytes, so every string encodes with no
 unknown token and decodes back exactly. The vocabulary is small (default 4,096 entries) because on
@@ -93,6 +94,8 @@ def pack_documents(
     dropped; ConfigError if the texts give fewer than seq_len tokens."""
     if seq_len < 1:
         raise ConfigError(f"seq_len must be at least 1, got {seq_len}")
+    if tokenizer is None:
+        raise ConfigError("pack_documents needs a tokenizer, got None (a model saved without one has none)")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("the tokenizer has no eos token, which pack_documents puts after every document")
@@ -124,3 +127,17 @@ def pack_documents(
     mask[ends - 1] = False
     stream[mask] = flat
     return torch.from_numpy(stream[: n_rows * seq_len].reshape(n_rows, seq_len))
+
+
+def right_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id sequences as one right-padded batch: `input_ids` (n, longest) int64 with `pad_id` after
+    each sequence, and `attention_mask` (n, longest) int64, 1 on its tokens and 0 on the padding."""
+    if not len(sequences):
+        raise ConfigError("right_pad needs at least one sequence")
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from smviz.data.facts import Entity, Fact, FactFileError, Question, read_facts, write_facts
-from smviz.errors import SmvizError
+from smviz.config import from_dict
+from smviz.data.facts import Entity, Fact, Question, read_facts, write_facts
 from smviz.data.lexicon import (  # re-exported: the world's public vocabulary
     BIRTH_YEARS,
     CITIES,
@@ -47,6 +47,7 @@ from smviz.data.lexicon import (  # re-exported: the world's public vocabulary
     UNIVERSITIES,
     Relation,
 )
+from smviz.errors import ConfigError, InputError, WriteError
 from smviz.io import json_text, write_text_atomic
 
 WORLD_FORMAT = "smviz-world/1"
@@ -55,12 +56,6 @@ POPULATIONS = ("known", "bio_only", "new")
 POPULATION_FILES = {"known": "facts-known.jsonl", "bio_only": "facts-bio.jsonl", "new": "facts-new.jsonl"}
 MIN_STATEMENTS_PER_FACT = 16
 MAX_PEOPLE = 10_000  # well under the FIRST_NAMES x SURNAMES combinations, so sampling names stays easy
-
-
-class WorldError(SmvizError, ValueError):
-    """A world config is invalid, or a world directory is missing, malformed, or holds another world."""
-
-
 
 
 def _article(noun: str) -> str:
@@ -95,7 +90,7 @@ class WorldConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise WorldError naming every invalid value; put `relations` in canonical order."""
+        """Raise ConfigError naming every invalid value; put `relations` in canonical order."""
         problems = []
         if not _is_int(self.seed):
             problems.append(f"seed must be an integer, got {self.seed!r}")
@@ -132,23 +127,16 @@ class WorldConfig:
                 f"(the number of statement templates), got {spf!r}"
             )
         if problems:
-            raise WorldError("invalid world config: " + "; ".join(problems))
+            raise ConfigError("invalid world config: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> WorldConfig:
-        """The inverse of `to_dict`; a missing key takes its default, an unknown key is an error."""
-        if not isinstance(d, dict):
-            raise WorldError(f"a world config must be a JSON object, got {type(d).__name__}")
-        unknown = sorted(set(d) - {f.name for f in fields(cls)})
-        if unknown:
-            raise WorldError(f"unknown world config keys {unknown}")
-        d = dict(d)
-        if isinstance(d.get("relations"), list):
-            d["relations"] = tuple(d["relations"])
-        return cls(**d)
+        """The inverse of `to_dict`, every value type-checked (ConfigError naming the field); a missing
+        key takes its default, an unknown one (written by a newer smviz) is ignored with a warning."""
+        return from_dict(cls, d)
 
 
 # ----------------------------------------------------------------------------------------------- world
@@ -170,7 +158,7 @@ class World:
 
     def population(self, name: str) -> list[Fact]:
         if name not in POPULATIONS:
-            raise WorldError(f"unknown population {name!r}; populations: {list(POPULATIONS)}")
+            raise ConfigError(f"unknown population {name!r}; populations: {list(POPULATIONS)}")
         return getattr(self, name)
 
     def facts(self) -> list[Fact]:
@@ -193,7 +181,7 @@ class World:
         }
 
     def validate(self) -> None:
-        """Raise WorldError unless the world is consistent: unique fact ids "<person>/<relation>", one
+        """Raise InputError unless the world is consistent: unique fact ids "<person>/<relation>", one
         name per person id and one id per name, every person in one population with every relation of
         the config, and population sizes as configured."""
         problems = []
@@ -226,7 +214,7 @@ class World:
                 problems.append(f"{population} has {sizes[population]['people']} people, config says {configured}")
         if problems:
             shown = problems[:5] + ([f"... and {len(problems) - 5} more"] if len(problems) > 5 else [])
-            raise WorldError("inconsistent world: " + "; ".join(shown))
+            raise InputError("inconsistent world: " + "; ".join(shown))
 
 
 def _draw_names(seed: int, count: int) -> list[str]:
@@ -297,19 +285,19 @@ def _world_json(world: World) -> dict[str, Any]:
 def _read_world_json(directory: Path) -> dict[str, Any]:
     path = directory / WORLD_FILE
     if not path.is_file():
-        raise WorldError(f"{directory} holds no world ({WORLD_FILE} is missing); write one with write_world")
+        raise InputError(f"{directory} holds no world ({WORLD_FILE} is missing); write one with write_world")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise WorldError(f"{path} is not readable JSON ({e})") from None
+        raise InputError(f"{path} is not readable JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != WORLD_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise WorldError(f"{path} is not an {WORLD_FORMAT} file (format {found!r})")
+        raise InputError(f"{path} is not an {WORLD_FORMAT} file (format {found!r})")
     missing = [k for k in ("config", "sizes", "fingerprint") if k not in meta]
     if missing:
-        raise WorldError(f"{path} lacks {missing}")
+        raise InputError(f"{path} lacks {missing}")
     if not isinstance(meta["fingerprint"], str):
-        raise WorldError(f"{path}: fingerprint must be a string, got {meta['fingerprint']!r}")
+        raise InputError(f"{path}: fingerprint must be a string, got {meta['fingerprint']!r}")
     return meta
 
 
@@ -319,27 +307,24 @@ def read_world(directory: str | os.PathLike) -> World:
     meta = _read_world_json(directory)
     try:
         config = WorldConfig.from_dict(meta["config"])
-    except (WorldError, TypeError) as e:
-        raise WorldError(f"{directory / WORLD_FILE}: bad config ({e})") from None
+    except ConfigError as e:
+        raise InputError(f"{directory / WORLD_FILE}: bad config ({e})") from None
     populations = {}
     for population in POPULATIONS:
-        path = directory / POPULATION_FILES[population]
         try:
-            populations[population] = read_facts(path)
-        except FactFileError as e:
-            raise WorldError(f"{directory} holds a broken world: {e}") from None
-        except TypeError as e:  # read_facts lets a few malformed values through as TypeError
-            raise WorldError(f"{directory} holds a broken world: {path} is malformed ({e})") from None
+            populations[population] = read_facts(directory / POPULATION_FILES[population])
+        except InputError as e:
+            raise InputError(f"{directory} holds a broken world: {e}") from None
     world = World(config, **populations)
     try:
         world.validate()
-    except WorldError as e:
-        raise WorldError(f"{directory}: {e}") from None
+    except InputError as e:
+        raise InputError(f"{directory}: {e}") from None
     if meta["sizes"] != world.sizes():
-        raise WorldError(f"{directory / WORLD_FILE}: sizes {meta['sizes']} do not match the facts files {world.sizes()}")
+        raise InputError(f"{directory / WORLD_FILE}: sizes {meta['sizes']} do not match the facts files {world.sizes()}")
     fingerprint = world_fingerprint(world)
     if fingerprint != meta["fingerprint"]:
-        raise WorldError(
+        raise InputError(
             f"{directory}: the facts files (fingerprint {fingerprint}) are not the world {WORLD_FILE} records "
             f"({meta['fingerprint']}); they were changed or a write was interrupted — rewrite the world with "
             f"write_world(..., force=True)"
@@ -351,20 +336,20 @@ def write_world(directory: str | os.PathLike, world: World, force: bool = False)
     """Write `world` into `directory`; return True if files were written, False if it already held it.
 
     A directory whose world.json records a different world (or an unreadable world.json) is refused
-    with WorldError, changing nothing, unless `force`. The facts files are written first and world.json
+    with WriteError, changing nothing, unless `force`. The facts files are written first and world.json
     last (a forced overwrite removes the old world.json first), so an interrupted write never leaves a
     world.json that vouches for facts files it does not match.
     """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
-        raise WorldError(f"{directory} exists and is not a directory")
+        raise WriteError(f"cannot write a world into {directory}: it exists and is not a directory")
     world.validate()
     meta = _world_json(world)
     meta_path = directory / WORLD_FILE
     if meta_path.exists():
         try:
             existing = _read_world_json(directory)["fingerprint"]
-        except WorldError as e:
+        except InputError as e:
             existing, reason = None, str(e)
         else:
             reason = f"it holds another world (fingerprint {existing}, this one is {meta['fingerprint']})"
@@ -372,10 +357,10 @@ def write_world(directory: str | os.PathLike, world: World, force: bool = False)
             try:
                 if world_fingerprint(read_world(directory)) == existing:
                     return False
-            except WorldError:
+            except InputError:
                 pass  # same world recorded but its files are damaged: rewrite them
         elif not force:
-            raise WorldError(f"refusing to write a world into {directory}: {reason}; pass force=True to replace it")
+            raise WriteError(f"refusing to write a world into {directory}: {reason}; pass force=True to replace it")
         else:
             meta_path.unlink()
     for population in POPULATIONS:

@@ -1,0 +1,224 @@
+"""`SlotIndex`, the inverted index slot → the tokens that read it, and its cache in a trace's `index/`
+folder: "top contexts of slot s", "what did these tokens read" and "what did this span read" answered
+from one numpy sort, without scanning the accesses.
+
+`trace` arguments are `smviz.trace.Trace` objects; the class is not imported here, because
+`Trace.slot_index` builds the index (an import would make the two modules a circle).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from smviz.errors import TraceError, WriteError
+from smviz.io import atomic_dir, write_json_atomic
+from smviz.trace.format import (
+    INDEX_ARRAYS,
+    INDEX_DIR,
+    INDEX_FORMAT,
+    INDEX_INFO,
+    digest,
+    float_weights,
+    index_array_file,
+    read_json,
+)
+
+log = logging.getLogger(__name__)
+
+
+class SlotIndex:
+    """slot → the accesses that read it, as CSR over (layer, slot): the reads of slot s of layer l
+    are entries offsets[k]..offsets[k+1] of `rows` (token rows), `weights` and `heads`, with
+    k = (position of l in the trace's layers) * n_slots + s, in token order. Built with one numpy
+    sort; an on-disk trace caches it in `index/` and memory-maps it."""
+
+    def __init__(self, trace: Trace, offsets: np.ndarray, rows: np.ndarray, weights: np.ndarray, heads: np.ndarray) -> None:
+        self.trace = trace
+        self.offsets, self.rows, self.weights, self.heads = offsets, rows, weights, heads
+        self._tokens: dict[str, Any] = {}
+        self._access_token: np.ndarray | None = None
+
+    @classmethod
+    def build(cls, trace: Trace) -> SlotIndex:
+        n = trace.n_slots
+        layer_pos = {layer: i for i, layer in enumerate(trace.layers)}
+        keys, rows, weights, heads = [], [], [], []
+        for acc in trace.iter_table("accesses"):
+            layer = acc.column("layer").to_numpy()
+            pos = np.zeros(len(layer), dtype=np.int64)
+            for l, i in layer_pos.items():  # a handful of layers, not slots
+                pos[layer == l] = i
+            keys.append(pos * n + acc.column("slot").to_numpy())
+            rows.append(acc.column("token").to_numpy())
+            weights.append(acc.column("weight").to_numpy())
+            heads.append(acc.column("head").to_numpy())
+        keys_all = np.concatenate(keys) if keys else np.zeros(0, np.int64)
+        order = np.argsort(keys_all, kind="stable")
+        counts = np.bincount(keys_all, minlength=len(layer_pos) * n)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+        def take(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+            return (np.concatenate(parts) if parts else np.zeros(0, dtype))[order]
+
+        return cls(trace, offsets, take(rows, np.int32), take(weights, np.float16), take(heads, np.int16))
+
+    @classmethod
+    def for_trace(cls, trace: Trace) -> SlotIndex:
+        """Load the cached index of an on-disk trace, or build (and cache) it."""
+        if trace.path is None:
+            return cls.build(trace)
+        directory = trace.path / INDEX_DIR
+        stamp = digest(json.dumps(trace.meta["shards"], sort_keys=True).encode())
+        info = read_json(directory / INDEX_INFO)
+        if isinstance(info, dict) and info.get("format") == INDEX_FORMAT and info.get("trace") == stamp:
+            try:
+                arrays = {name: np.load(directory / index_array_file(name), mmap_mode="r", allow_pickle=False)
+                          for name in INDEX_ARRAYS}
+                if len(arrays["offsets"]) == len(trace.layers) * trace.n_slots + 1 and len(arrays["rows"]) == trace.n_accesses:
+                    return cls(trace, **arrays)
+            except (OSError, ValueError):
+                pass
+            log.warning("the slot index cache in %s is damaged; rebuilding it", directory)
+        index = cls.build(trace)
+        try:
+            with atomic_dir(directory) as tmp:
+                for name in INDEX_ARRAYS:
+                    np.save(tmp / index_array_file(name), getattr(index, name), allow_pickle=False)
+                write_json_atomic(tmp / INDEX_INFO, {"format": INDEX_FORMAT, "trace": stamp})
+        except WriteError as e:  # a read-only trace still gets its (in-memory) index
+            log.warning("could not cache the slot index in %s (%s)", directory, e)
+        return index
+
+    # ---- queries
+
+    def count(self, slot: int, layer: int | None = None) -> int:
+        """How many reads of `slot` the trace holds."""
+        k = self._key(slot, layer)
+        return int(self.offsets[k + 1] - self.offsets[k])
+
+    def slot_weights(self, slot: int, layer: int | None = None) -> np.ndarray:
+        """The weights of every read of `slot` (float32, in token order)."""
+        k = self._key(slot, layer)
+        return np.asarray(self.weights[int(self.offsets[k]) : int(self.offsets[k + 1])], dtype=np.float32)
+
+    def reads_of_rows(self, rows: np.ndarray, layer: int | None = None) -> pd.DataFrame:
+        """Every read by the given token rows (any order): columns row, layer, head, rank, slot, weight.
+        The accesses are sorted by token, so each row's reads are one contiguous range (no scan)."""
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        if len(rows) and (rows[0] < 0 or rows[-1] >= self.trace.n_tokens):
+            raise TraceError(f"token rows must lie in [0, {self.trace.n_tokens}), got {rows[0]}..{rows[-1]}")
+        token_col = self._access_tokens()
+        starts = token_col.searchsorted(rows.astype(token_col.dtype))
+        ends = token_col.searchsorted((rows + 1).astype(token_col.dtype))
+        lengths = ends - starts
+        take = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(lengths.sum())
+        df = float_weights(self.trace.accesses.take(pa.array(take)).to_pandas()).rename(columns={"token": "row"})
+        return df if layer is None else df[df["layer"] == self.trace.resolve_layer(layer)].reset_index(drop=True)
+
+    def contexts(self, slot: int, n: int = 20, window: int = 8, layer: int | None = None) -> pd.DataFrame:
+        """The n tokens that read `slot` with the most weight, with `window` tokens of context each side
+        (within the token's document). A token's weight is the sum of its reads of the slot over heads.
+
+        Columns: rank (0 = most weight), row, doc, doc_id, position, token (its text), weight (float),
+        reads (how many heads read the slot), left / right (context text), window (list of the token
+        texts shown, the accessing token included) and focus (its place in `window`). Ties in weight
+        go to the earlier row."""
+        if n < 1 or window < 0:
+            raise TraceError(f"n must be >= 1 and window >= 0, got n={n}, window={window}")
+        k = self._key(slot, layer)
+        a, b = int(self.offsets[k]), int(self.offsets[k + 1])
+        rows = np.asarray(self.rows[a:b])
+        uniq, inverse = np.unique(rows, return_inverse=True)
+        weight = np.bincount(inverse, weights=np.asarray(self.weights[a:b], dtype=np.float64), minlength=len(uniq))
+        reads = np.bincount(inverse, minlength=len(uniq))
+        top = np.lexsort((uniq, -weight))[:n]
+        tok = self.token_columns()
+        records = []
+        for rank, i in enumerate(top):
+            row = int(uniq[i])
+            d = int(tok["doc"][row])
+            lo = max(row - window, int(tok["doc_start"][d]))
+            hi = min(row + window + 1, int(tok["doc_start"][d + 1]))
+            texts = tok["text"].slice(lo, hi - lo).to_pylist()
+            f = row - lo
+            records.append({
+                "rank": rank, "row": row, "doc": d, "doc_id": tok["doc_id"][row].as_py(),
+                "position": int(tok["position"][row]), "token": texts[f], "weight": float(weight[i]),
+                "reads": int(reads[i]), "left": "".join(texts[:f]), "right": "".join(texts[f + 1 :]),
+                "window": texts, "focus": f,
+            })
+        columns = ["rank", "row", "doc", "doc_id", "position", "token", "weight", "reads", "left", "right", "window", "focus"]
+        return pd.DataFrame.from_records(records, columns=columns)
+
+    def slots_for(self, doc: int | str, start: int, end: int, layer: int | None = None) -> pd.DataFrame:
+        """Every read by the tokens at positions start..end-1 of document `doc` (its number, or its
+        doc_id). Columns: row, position, token (text), layer, head, rank, slot, weight; sorted by
+        position, layer, head, rank. `layer` keeps one memory layer."""
+        if layer is not None:
+            self.trace.resolve_layer(layer)
+        tok = self.token_columns()
+        d = self._doc_number(doc)
+        lo, hi = int(tok["doc_start"][d]), int(tok["doc_start"][d + 1])
+        positions = tok["position"][lo:hi]
+        if not start < end:
+            raise TraceError(f"empty span [{start}, {end}); give start < end")
+        inside = np.flatnonzero((positions >= start) & (positions < end))
+        if len(inside) == 0:
+            held = f"positions {int(positions.min())}..{int(positions.max())}" if len(positions) else "no tokens"
+            raise TraceError(f"document {doc!r} has {held}; [{start}, {end}) holds none of them")
+        r0, r1 = lo + int(inside[0]), lo + int(inside[-1]) + 1
+        token_col = self._access_tokens()
+        a, b = token_col.searchsorted(np.array([r0, r1], dtype=token_col.dtype))  # same dtype: no copy of the column
+        df = float_weights(self.trace.accesses.slice(int(a), int(b - a)).to_pandas()).rename(columns={"token": "row"})
+        if layer is not None:
+            df = df[df["layer"] == layer]
+        df.insert(1, "position", tok["position"][df["row"].to_numpy()])
+        df.insert(2, "token", self.trace.tokens.column("text").take(pa.array(df["row"].to_numpy())).to_pylist())
+        return df.reset_index(drop=True)
+
+    def token_columns(self) -> dict[str, Any]:
+        """The token columns doc, position (numpy), doc_id, text (Arrow arrays), cached, and
+        doc_start: doc_start[d] = first row of document d (length n_docs + 1)."""
+        if not self._tokens:
+            t = self.trace.tokens
+            doc = t.column("doc").to_numpy()
+            n_docs = self.trace.n_docs
+            self._tokens = {
+                "doc": doc,
+                "position": t.column("position").to_numpy(),
+                "doc_id": t.column("doc_id").combine_chunks() if t.num_rows else pa.array([], pa.string()),
+                "text": t.column("text").combine_chunks() if t.num_rows else pa.array([], pa.string()),
+                "doc_start": doc.searchsorted(np.arange(n_docs + 1, dtype=doc.dtype)),
+            }
+        return self._tokens
+
+    # ---- internals
+
+    def _key(self, slot: int, layer: int | None) -> int:
+        layer = self.trace.resolve_layer(layer)
+        if not (isinstance(slot, (int, np.integer)) and 0 <= slot < self.trace.n_slots):
+            raise TraceError(f"slot {slot!r} is out of range: the memory has {self.trace.n_slots:,} slots (0..{self.trace.n_slots - 1})")
+        return self.trace.layers.index(layer) * self.trace.n_slots + int(slot)
+
+    def _doc_number(self, doc: int | str) -> int:
+        n_docs = len(self.token_columns()["doc_start"]) - 1
+        if isinstance(doc, str):
+            hits = pc.index(self.trace.tokens.column("doc_id"), doc).as_py()
+            if hits < 0:
+                raise TraceError(f"no document with doc_id {doc!r} in this trace")
+            return int(self.token_columns()["doc"][hits])
+        if not (isinstance(doc, (int, np.integer)) and 0 <= doc < n_docs):
+            raise TraceError(f"document {doc!r} is out of range: the trace holds documents 0..{n_docs - 1}")
+        return int(doc)
+
+    def _access_tokens(self) -> np.ndarray:
+        if self._access_token is None:
+            self._access_token = self.trace.accesses.column("token").to_numpy()
+        return self._access_token
