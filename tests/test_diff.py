@@ -12,23 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from smviz.analysis.diff import (
-    DiffError,
-    access_shift,
-    allowed_rows,
-    diff_models,
-    diff_run_model,
-    diff_run_steps,
-    fact_shift,
-)
-from smviz.analysis.runs import Run, RunError
+from smviz.analysis.diff import allowed_rows, diff_models, diff_run_model, diff_run_steps
+from smviz.analysis.runs import Run
+from smviz.analysis.shift import access_shift, fact_shift
 from smviz.data.facts import Fact, Question, qa_text
 from smviz.data.tokenizer import pack_documents, train_tokenizer
 from smviz.model import MemoryModel
 from smviz.record import AccessRecorder
 from smviz.stats import SlotStats, collect_stats
-from smviz.train.finetune import EvalSets, FinetuneConfig, finetune
-from smviz.train.stream import FactStream
+from smviz.errors import AnalysisError, RunError
+from smviz.train import EvalSets, FactStream, FinetuneConfig, finetune
 
 CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Quito", "Accra"]
 
@@ -148,23 +141,23 @@ def test_run_steps_rebuilt_from_deltas(ws):
 def test_bad_input_is_refused(ws, tmp_path):
     run = Run(ws["run"])
     for a, b in ((2, 2), (3, 1), (0, 9), (-1, 2)):
-        with pytest.raises(DiffError):
+        with pytest.raises(AnalysisError):
             diff_run_steps(run, ws["base"], a, b)
     other = make_model(seed=1)
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(RunError, match="started from model"):
         diff_run_steps(run, tmp_path / "other", 0, 1)
     before = MemoryModel.from_pretrained(ws["base"])
-    with pytest.raises(DiffError, match="memory configs"):
+    with pytest.raises(AnalysisError, match="memory configs"):
         diff_models(before, make_model(knn=2))
     gpt2 = MemoryModel.from_preset("micro-gpt2", seed=0)
-    with pytest.raises(DiffError, match="gpt2"):
+    with pytest.raises(AnalysisError, match="gpt2"):
         diff_models(before, gpt2)
-    with pytest.raises(DiffError, match="out of range"):
+    with pytest.raises(AnalysisError, match="out of range"):
         diff_models(before, before, allowed={1: [256]})
-    with pytest.raises(DiffError, match="no memory layer"):
+    with pytest.raises(AnalysisError, match="no memory layer"):
         diff_models(before, before, allowed={0: [1]})
-    with pytest.raises(DiffError, match="allowed="):
+    with pytest.raises(AnalysisError, match="allowed="):
         diff_models(before, before, method="sparse")
 
 
@@ -202,5 +195,5 @@ def test_fact_shift(ws):
     assert len(df) == 3 and list(df["fact_id"]) == ["f0", "f1", "f2"]
     assert (df["delta_f1"] == df["f1_after"] - df["f1_before"]).all()
     assert df["gold"].tolist() == CITIES[:3]
-    with pytest.raises(DiffError):
+    with pytest.raises(AnalysisError):
         fact_shift(before, after, [])
