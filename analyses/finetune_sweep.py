@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from smviz.pipeline import run_finetune
-from smviz.train.finetune import FinetuneConfig
+from smviz.train import FinetuneConfig
 
 
 def main() -> None:

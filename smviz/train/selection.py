@@ -119,11 +119,11 @@ class RowSelector:
             raise ConfigError(f"{self.rule.name} selection needs the model's background slot statistics")
         self.method, self.top_t, self.n_slots, self.seed = method, top_t, n_slots, seed
         self.stats = stats
-        self._background: dict[int, LayerBackground] = {}
+        self.background: dict[int, LayerBackground] = {}  # per memory block
         for layer in () if stats is None else stats.layers:
             row = stats.layer_index(layer)
             df = stats.df[row].to(device)
-            self._background[layer] = LayerBackground(stats.counts[row].to(device), int(stats.counts[row].sum()), df,
+            self.background[layer] = LayerBackground(stats.counts[row].to(device), int(stats.counts[row].sum()), df,
                                                       idf(df, stats.n_docs), stats.n_docs)
 
     def select(self, layer: int, counts: torch.Tensor, step: int) -> Selection:
@@ -131,7 +131,7 @@ class RowSelector:
         read = torch.nonzero(counts).flatten()  # ascending ids
         c = counts[read]
         tf = c.double() / c.sum().clamp(min=1)
-        background = self._background.get(layer)
+        background = self.background.get(layer)
         df = background.df[read] if background is not None else torch.full_like(read, -1)
         reads = Reads(read, c, tf, self.n_slots, self.top_t, step, self.seed, background)
         score, order = self.rule.choose(reads)
