@@ -197,3 +197,39 @@ def test_fact_shift(ws):
     assert df["gold"].tolist() == CITIES[:3]
     with pytest.raises(AnalysisError):
         fact_shift(before, after, [])
+
+
+def test_question_access_shift_probes_the_held_out_questions(ws):
+    """The one access shift of a diff (report and app page): `access_shift` on the facts' held-out
+    questions as qa_prompt text — not on their statements."""
+    from smviz.analysis import question_access_shift
+    from smviz.data.facts import qa_prompt
+
+    before = MemoryModel.from_pretrained(ws["base"])
+    after = MemoryModel.from_pretrained(ws["run"] / "model")
+    with torch.no_grad():
+        after.memory_layers[1].query.weight.mul_(-1.0)
+    facts = ws["facts"]
+    shift = question_access_shift(before, after, facts)
+    probe = [qa_prompt(f"In which city was {f.subject} born?") for f in facts]  # the held-out template, by hand
+    assert shift.equals(access_shift(before, after, probe))
+    assert shift.attrs["probe_size"] == 3 and "held-out questions" in shift.attrs["protocol"]
+    statements = access_shift(before, after, [s for f in facts for s in f.statements[:2]])  # the page's old probe
+    assert len(statements) != len(shift)
+    with pytest.raises(AnalysisError, match="no facts"):
+        question_access_shift(before, after, [])
+
+
+def test_audit_with_a_run_needs_its_own_final_model(ws, tmp_path):
+    from smviz.analysis import check_run_model, run_diff
+
+    run = Run(ws["run"])
+    before = MemoryModel.from_pretrained(ws["base"])
+    after = MemoryModel.from_pretrained(ws["run"] / "model")
+    assert run_diff(run, before, after).violations.empty
+    other = make_model(seed=1)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(AnalysisError, match=f"ended with model {run.model_hash}, but the model compared is"):
+        check_run_model(run, before, MemoryModel.from_pretrained(tmp_path / "other"))
+    with pytest.raises(RunError, match="started from model"):
+        check_run_model(run, MemoryModel.from_pretrained(tmp_path / "other"), after)

@@ -26,7 +26,7 @@ from smviz.cli import main
 from smviz.data.corpus import write_corpus
 from smviz.data.tokenizer import pack_documents, train_tokenizer
 from smviz.data.world import WorldConfig
-from smviz.errors import ConfigError, SmvizError
+from smviz.errors import ConfigError, RunError, SmvizError
 from smviz.model import MemoryModel
 from smviz.pipeline import CORPUS_FILES, build_data, load_data
 from smviz.record import AccessRecorder
@@ -659,3 +659,92 @@ def test_row_adamw_state_grows_without_changing_results():
     restored.step(w_restored, rows, grad)
     assert torch.equal(w_grown, w_restored)
     assert grown.state_elements() == n + grown.used * (2 * v_dim + 2)
+
+
+# --------------------------------------------------------------------------- kl, divergence, LoRA on GPT-2
+
+
+def test_cli_method_kl_runs_and_selects_by_kl(ws, world, tmp_path, capsys):
+    out = tmp_path / "kl"
+    assert main(cli_args(ws, out, "--method", "kl", "--json")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "kl" and summary["steps"] == 3 and summary["trainable_per_step"] == 8 * 64 * len(BLOCKS)
+    assert MemoryModel.from_pretrained(out / "model").model_hash == summary["model_hash"]
+    assert sorted(p.name for p in (out / "deltas").iterdir()) == [f"step-{s:06d}.safetensors" for s in (1, 2, 3)]
+    # step 1 chose the top 8 read slots by p·log(p/q), computed here from an independent count
+    model, stats = load(ws)
+    config = FinetuneConfig.from_dict(json.loads((out / "config.json").read_text())["config"])
+    stream = FactStream(world.new[:3], model.tokenizer, config.batch_size, config.steps_per_fact, config.composition, config.seed)
+    counts = recorded_counts(model, stream.batch(0))
+    rows = [r for r in pq.read_table(out / "steps.parquet").to_pylist() if r["step"] == 1]
+    assert len(rows) == len(BLOCKS)
+    for r in rows:
+        c, bg = counts[r["layer"]], stats.counts[stats.layer_index(r["layer"])].numpy()
+        total, bg_total, n = c.sum(), bg.sum(), len(c)
+        score = {i: c[i] / total * math.log((c[i] / total) / ((bg[i] + 1) / (bg_total + n))) for i in range(n) if c[i] > 0}
+        expected = sorted(score, key=lambda i: (-score[i], i))[:8]
+        assert r["selected"] == expected
+        assert r["score"] == pytest.approx([score[i] for i in expected], rel=1e-5)
+
+
+def test_a_diverging_run_stops_without_finishing_and_its_json_stays_strict(ws, tmp_path):
+    config = FinetuneConfig(method="full", optimizer="sgd", lr=1e30, batch_size=4, steps_per_fact=1, eval_every=1)
+    out = tmp_path / "diverged"
+    with pytest.raises(RunError, match=r"step \d+: the training loss is (nan|inf).*not finite.*lower the learning rate"):
+        run(ws, out, config)
+    assert out.is_dir() and not (out / "summary.json").exists() and not (out / "model").exists()
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in a JSON file")
+
+    files = [p for p in out.rglob("*") if p.suffix in (".json", ".jsonl")]
+    assert {p.name for p in files} >= {"config.json", "metrics.jsonl"}
+    for p in files:
+        for line in p.read_text().splitlines() if p.suffix == ".jsonl" else [p.read_text()]:
+            json.loads(line, parse_constant=refuse)
+    with pytest.raises(RunError, match="not finite"):  # the same command again: the same clear stop, still unfinished
+        run(ws, out, config)
+    assert not (out / "summary.json").exists()
+
+
+def test_lora_adapts_gpt2_conv1d_layers_and_the_audit_agrees(ws, world, tmp_path, device):
+    from transformers.pytorch_utils import Conv1D
+
+    from smviz.analysis import diff_models
+
+    tokenizer = load(ws)[0].tokenizer
+    gpt2 = MemoryModel.from_preset("micro-gpt2", seed=0, vocab_size=len(tokenizer))
+    gpt2.tokenizer = tokenizer
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    model = MemoryModel.from_pretrained(tmp_path / "gpt2", device=device)
+    conv = {n for n, m in model.named_modules() if isinstance(m, Conv1D)}  # GPT-2's projections: not nn.Linear
+    assert {n.rsplit(".", 1)[-1] for n in conv} == {"c_attn", "c_proj", "c_fc"}
+    base = snapshot(model)
+    rank_, alpha = 4, 8.0
+    config = FinetuneConfig(method="lora", lr=1e-2, lora_rank=rank_, lora_alpha=alpha).resolved()
+    trainer = Trainer(model, config, None, device)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.split(".lora_")[0] for n in trainable} == conv  # every c_attn, c_proj, c_fc (memory blocks: no MLP)
+    stream = FactStream(world.new, model.tokenizer, batch_size=4)
+    for step in range(2):
+        train_step(trainer, to(stream.batch(step), device), step)
+    state = model.state_dict()
+    merged = trainer.final_model()
+    after = merged.state_dict()
+    assert set(after) == set(base)
+    for key in base:
+        module = key.rsplit(".", 1)[0]
+        if module in conv and key.endswith(".weight"):
+            a, b = state[f"{module}.lora_A.default.weight"], state[f"{module}.lora_B.default.weight"]
+            # Conv1D keeps W as (in, out): the update is (B A)ᵀ
+            torch.testing.assert_close(after[key], base[key] + alpha / rank_ * (b @ a).T, rtol=1e-5, atol=1e-6)
+            assert not torch.equal(after[key], base[key])
+        else:
+            assert torch.equal(after[key], base[key]), key
+    # the frozen-parameter audit allows exactly those weights and finds no violation
+    before = MemoryModel.from_pretrained(tmp_path / "gpt2", device=device)
+    audit = diff_models(before, merged, method="lora", lora_targets=config.lora_targets).audit
+    changed = set(audit[audit["changed"] > 0]["parameter"])
+    assert changed == {f"{m.removeprefix('lm.')}.weight" for m in conv} and not audit["violation"].any()
+    assert audit[audit["parameter"].isin(changed)]["allowed"].all()
+    assert set(diff_models(before, merged).violations["parameter"]) == changed  # allowed nothing: each is a violation

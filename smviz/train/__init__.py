@@ -6,7 +6,7 @@ reader/writer of run directories (`smviz.train.rundir`)."""
 
 from smviz.train.config import FinetuneConfig
 from smviz.train.finetune import finetune
-from smviz.train.methods import Method, get_method, method_names, methods, register_method
+from smviz.train.methods import Method, get_method, method_names, register_method
 from smviz.train.pretrain import PretrainConfig, pretrain, recipe
 from smviz.train.protocol import EvalSets, evaluate_point, summarize
 from smviz.train.rundir import FinetuneRunDir, PretrainRunDir
@@ -17,6 +17,6 @@ from smviz.train.trainer import StepResult, Trainer
 __all__ = [
     "BACKGROUNDS", "COMPOSITIONS", "EvalSets", "FactStream", "FinetuneConfig", "FinetuneRunDir", "Method", "PretrainConfig",
     "PretrainRunDir", "RowSelector", "Selection", "SelectionRule", "StepResult", "Trainer", "evaluate_point", "finetune",
-    "get_method", "get_rule", "method_names", "methods", "pretrain", "recipe", "register_method", "register_rule",
+    "get_method", "get_rule", "method_names", "pretrain", "recipe", "register_method", "register_rule",
     "rule_names", "stream_stats", "summarize",
 ]

@@ -88,10 +88,6 @@ def method_names() -> tuple[str, ...]:
     return tuple(_METHODS)
 
 
-def methods() -> tuple[Method, ...]:
-    return tuple(_METHODS.values())
-
-
 # Learning rates from the sweep on the tiny preset (analyses/finetuning.md); the paper's are lr 2-5
 # for sparse SGD and 5e-6 (full) / up to 2e-4 (LoRA) at 1.3B.
 MEMORY_LR = {"sgd": 1000.0, "adamw": 0.1}
