@@ -24,7 +24,8 @@ class FinetuneConfig:
     """How a stream is learned. Every field is part of the protocol recorded with the run."""
 
     method: str = field(default="sparse", metadata={"help": f"finetuning method: {', '.join(method_names())}"})
-    top_t: int = field(default=500, metadata={"help": "value rows trained per step and memory layer (sparse, tf-only, random-t, kl)"})
+    top_t: int = field(default=500, metadata={"help": "value rows trained per step and memory layer ("
+                                              f"{', '.join(m for m in method_names() if get_method(m).uses_top_t)})"})
     optimizer: str | None = field(default=None, metadata={"help": "sgd or adamw (default: the method's; sgd for value-row methods, adamw for full / lora)"})
     lr: float | None = field(default=None, metadata={"help": "learning rate, a finite number > 0 (default: the method's, per optimizer)"})
     weight_decay: float | None = field(default=None, metadata={"help": f"AdamW decoupled weight decay (default {DEFAULT_WEIGHT_DECAY}); SGD has none"})

@@ -239,10 +239,6 @@ class PretrainRunDir:
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
 
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / METRICS
-
     def config(self) -> dict[str, Any] | None:
         """The recorded config (a dict), or None when the run has none yet."""
         saved = read_json(self.path / CONFIG)
