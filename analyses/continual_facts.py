@@ -49,7 +49,7 @@ from smviz.io import write_json_atomic, write_text_atomic
 from smviz.model import MemoryModel
 from smviz.pipeline import run_finetune
 from smviz.stats import STATS_FILE, SlotStats
-from smviz.train.finetune import FinetuneConfig
+from smviz.train import FinetuneConfig
 
 FORMAT = "smviz-continual-facts/1"
 NAME = "continual_facts"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from smviz.io import append_jsonl, json_text
 from smviz.pipeline import run_finetune
-from smviz.train.finetune import FinetuneConfig
+from smviz.train import FinetuneConfig
 
 
 def main() -> None:

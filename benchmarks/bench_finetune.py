@@ -8,9 +8,9 @@ step spent choosing its rows.
 Model: the `tiny` preset, randomly initialised (`MemoryModel.from_preset("tiny", seed=0)`; 4 Llama
 blocks, d=256, one memory layer in block 2, 4 heads x top-32 = 128 reads per token, v_dim 256), in
 eval mode as `finetune()` runs it; N = 2^16 slots (n_keys=256, the preset) and N = 2^20 (n_keys=1024,
-the same model otherwise; --sizes). Steps are `smviz.train.finetune._Trainer.step(batch, step)` — the
+the same model otherwise; --sizes). Steps are `smviz.train.Trainer.step(batch, step)` — the
 one update `finetune()` runs per stream step, for every method — on a trainer built as finetune()
-builds it (`_Trainer(model, FinetuneConfig(method, optimizer).resolved(), stats, device)`, default
+builds it (`Trainer(model, FinetuneConfig(method, optimizer).resolved(), stats, device)`, default
 lr, top_t=500, AdamW weight decay 0.1); each method trains its own deep copy of the model, and the
 same batch is stepped on again and again (the weights drift; the work per step does not).
 Methods: sparse + SGD (the default: TF-IDF top-500 rows, RowSGD), sparse + AdamW (lazy RowAdamW),
@@ -51,7 +51,7 @@ that is checked to return the same rows, tf, df and scores.
 
 Section 3, optimizer state: for each method, a fresh copy of the model and trainer takes --state-steps
 stream steps (distinct facts: `FactStream(world.facts(), ...)` steps 0, 1, ...), then the state is
-counted: `_Trainer.optimizer_state_elements()` and the bytes of those tensors (element sizes); RowAdamW
+counted: `Trainer.optimizer_state_elements()` and the bytes of those tensors (element sizes); RowAdamW
 also keeps a slot -> state-row map of N int64 that optimizer_state_elements() leaves out (reported as
 bookkeeping). Contrast: dense AdamW moments over the value table alone (2 x N x v_dim x 4 bytes).
 Full AdamW at N = 2^20 is not run; its state is computed from the parameter count.
@@ -95,9 +95,8 @@ from smviz.data.tokenizer import train_tokenizer
 from smviz.data.world import WorldConfig, generate_world
 from smviz.model import MemoryModel
 from smviz.stats import SlotStats, batch_counts, tfidf
-from smviz.train.finetune import FinetuneConfig, _Trainer
-from smviz.train.sparse import RowAdamW, RowSelector, Selection
-from smviz.train.stream import FactStream
+from smviz.train import FactStream, FinetuneConfig, RowSelector, Selection, Trainer
+from smviz.train.row_optim import RowAdamW
 
 ROOT = Path(__file__).resolve().parent
 REPO = ROOT.parent
@@ -178,13 +177,13 @@ def base_model(n_exp: int, device: torch.device) -> MemoryModel:
     return model
 
 
-def make_trainer(base: MemoryModel, key: str, stats: SlotStats, device: torch.device) -> _Trainer:
+def make_trainer(base: MemoryModel, key: str, stats: SlotStats, device: torch.device) -> Trainer:
     method, optimizer, _ = METHODS[key]
     model = copy.deepcopy(base)
     model.model_hash = base.model_hash
     model.eval()  # as finetune() does
     config = FinetuneConfig(method=method, optimizer=optimizer).resolved()
-    return _Trainer(model, config, stats if config.sparse else None, device)
+    return Trainer(model, config, stats if config.sparse else None, device)
 
 
 def capture_reads(model: MemoryModel, batch: dict[str, torch.Tensor]) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
@@ -221,7 +220,7 @@ class SuggestedSelector:
     def __init__(self, selector: RowSelector) -> None:
         assert selector.method == "sparse"
         self.top_t = selector.top_t
-        self.df = selector._df
+        self.df = {layer: b.df for layer, b in selector.background.items()}
         n = selector.stats.n_docs
         self.idf = {layer: torch.log((n + 1) / (df.to(torch.float64) + 1)) for layer, df in self.df.items()}
 
@@ -262,7 +261,7 @@ def section_steps(n_exp: int, batches: dict[str, dict], args, device: torch.devi
     return rows, out
 
 
-def batch_group(n_exp: int, bname: str, batch: dict[str, torch.Tensor], base: MemoryModel, trainers: dict[str, _Trainer],
+def batch_group(n_exp: int, bname: str, batch: dict[str, torch.Tensor], base: MemoryModel, trainers: dict[str, Trainer],
                 args, device: torch.device) -> tuple[list[dict], dict]:
     """One interleaved group: every trainer's step and the selection cases, on one batch."""
     n = f"2^{n_exp}"
@@ -288,7 +287,7 @@ def batch_group(n_exp: int, bname: str, batch: dict[str, torch.Tensor], base: Me
     suggested_ok = selection_equal(suggested.select(block, counts, 0), ref)
     assert suggested_ok, "the suggested selection differs from RowSelector.select"
 
-    def step_of(tr: _Trainer) -> Callable[[], None]:
+    def step_of(tr: Trainer) -> Callable[[], None]:
         return lambda: tr.step(batch, 0)
 
     def count_select() -> None:
@@ -298,7 +297,7 @@ def batch_group(n_exp: int, bname: str, batch: dict[str, torch.Tensor], base: Me
         batch_counts(indices, mask, n_slots)
 
     def tfidf_only() -> None:
-        tfidf(counts, selector._df[block], selector.stats.n_docs)
+        tfidf(counts, selector.background[block].df, selector.stats.n_docs)
 
     def select_only() -> None:
         selector.select(block, counts, 0)
@@ -354,7 +353,7 @@ def batch_group(n_exp: int, bname: str, batch: dict[str, torch.Tensor], base: Me
     return rows, res
 
 
-def state_bytes(trainer: _Trainer) -> dict:
+def state_bytes(trainer: Trainer) -> dict:
     """Optimizer state of a trainer: elements (optimizer_state_elements), bytes, bookkeeping bytes."""
     elements = trainer.optimizer_state_elements()
     if trainer.config.sparse:

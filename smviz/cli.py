@@ -84,7 +84,7 @@ def _cmd_record(args: argparse.Namespace) -> None:
 def _cmd_finetune(args: argparse.Namespace) -> None:
     from smviz.device import resolve_device
     from smviz.pipeline import run_finetune
-    from smviz.train.finetune import FinetuneConfig
+    from smviz.train import FinetuneConfig
     from smviz.workspace import Workspace
 
     ws = Workspace(args.workspace)
@@ -178,8 +178,7 @@ def _cmd_stats(args: argparse.Namespace) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> None:
-    from smviz.report import build_diff_report, build_run_report, output_paths, render_html, render_md, write_report
-    from smviz.report._util import check_out_dir
+    from smviz.report import build_diff_report, build_run_report, check_out_dir, output_paths, render_html, render_md, write_report
 
     output_paths(args.out, args.format)  # bad --out / --format fail before any work
     check_out_dir(args.out)
@@ -296,7 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of the usage summary")
     p.set_defaults(run=_cmd_stats)
 
-    from smviz.train.finetune import METHODS, FinetuneConfig
+    from smviz.train import FinetuneConfig, method_names
 
     p = sub.add_parser(
         "finetune",
@@ -310,10 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory, e.g. WS/runs/NAME")
     p.add_argument("--workspace", default="workspace", help="workspace whose data/ gives the default --facts, --known, --heldout")
     d = FinetuneConfig()
-    p.add_argument("--method", default=None, help=f"one of {', '.join(METHODS)} (default {d.method})")
+    p.add_argument("--method", default=None, help=f"one of {', '.join(method_names())} (default {d.method})")
     p.add_argument("--top-t", type=int, default=None, help=f"value rows trained per step (sparse, tf-only, random-t; default {d.top_t})")
     p.add_argument("--optimizer", default=None, choices=["sgd", "adamw"], help="default: sgd for memory methods, adamw for full and lora")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default per method and optimizer: smviz.train.finetune.DEFAULT_LR)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default per method and optimizer: smviz.train.get_method(METHOD).default_lr)")
     p.add_argument("--batch-size", type=int, default=None, help=f"paraphrases of the current fact per step (default {d.batch_size})")
     p.add_argument("--steps-per-fact", type=int, default=None, help=f"steps on each fact before the next one (default {d.steps_per_fact})")
     p.add_argument("--composition", default=None, help=f"statements (the paper) or statements+qa (default {d.composition})")

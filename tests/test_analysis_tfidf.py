@@ -1,32 +1,29 @@
-"""TF-IDF views (smviz.analysis.tfidf): a hand-computed table (math.log), exact agreement with
-`top_slots` and `RowSelector` on the same counts (ties included), a second background, counts from a
-hand-built trace and from a micro-model forward (against a numpy count of the hooked reads), what a
+"""TF-IDF views (smviz.analysis.tfidf): a hand-computed table (math.log; its ranking is the one
+`smviz.stats.rank`, tested in test_ranking.py), a second background, counts from a hand-built trace and from a micro-model forward (against a numpy count of the hooked reads), what a
 run step stored, and bad input refused."""
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from smviz.analysis.runs import Run
+from smviz.errors import AnalysisError
 from smviz.analysis.tfidf import (
     TABLE_COLUMNS,
-    TfidfError,
     batch_slot_counts,
     step_table,
     tfidf_table,
     trace_slot_counts,
 )
-from smviz.stats import SlotStats, top_slots
+from smviz.stats import SlotStats
 from smviz.trace import Trace
-from smviz.train.finetune import RUN_FORMAT, STEP_SCHEMA, FinetuneConfig
-from smviz.train.sparse import RowSelector
+from smviz.train import FinetuneConfig
+from smviz.train.rundir import RUN_FORMAT, FinetuneRunDir
 
 
 def make_stats(df: list[int] | np.ndarray, n_docs: int, layer: int = 1) -> SlotStats:
@@ -67,27 +64,6 @@ def test_hand_computed_table():
     assert not tfidf_table(counts, stats, 1)["selected"].any()
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_agrees_with_top_slots_and_row_selector(seed):
-    rng = np.random.default_rng(seed)
-    n = 256
-    df = rng.integers(0, 4, n)  # few distinct values: many exact ties
-    stats = make_stats(df, n_docs=7)
-    counts = torch.as_tensor(rng.integers(0, 3, n) * rng.integers(0, 2, n), dtype=torch.int64)
-    for t in (1, 10, 50, 500):
-        out = tfidf_table(counts, stats, 1, top_t=t)
-        ids, scores = top_slots(counts, stats, 1, t)
-        sel = out[out["selected"]]
-        assert sel["slot"].tolist() == ids.tolist()
-        assert np.array_equal(sel["score"].to_numpy(), scores.numpy())  # bit-identical
-        choice = RowSelector("sparse", min(t, n), n, stats, torch.device("cpu")).select(1, counts, step=0)
-        assert sel["slot"].tolist() == choice.rows.tolist()
-        assert np.array_equal(sel["tf"].to_numpy(), choice.tf.numpy())
-        assert np.array_equal(sel["score"].to_numpy(), choice.score.numpy())
-        assert sel["df"].tolist() == choice.df.tolist()
-    assert len(out) == int((counts > 0).sum())
-
-
 def test_other_background():
     rng = np.random.default_rng(5)
     n = 64
@@ -104,19 +80,19 @@ def test_other_background():
 
 def test_bad_input():
     stats = make_stats([1, 0, 2, 0], 3)
-    with pytest.raises(TfidfError, match="length 4"):
+    with pytest.raises(AnalysisError, match="length 4"):
         tfidf_table([1, 2, 3], stats, 1)
-    with pytest.raises(TfidfError, match="no reads"):
+    with pytest.raises(AnalysisError, match="no reads"):
         tfidf_table([0, 0, 0, 0], stats, 1)
-    with pytest.raises(TfidfError, match="not both"):
+    with pytest.raises(AnalysisError, match="not both"):
         tfidf_table([1, 0, 0, 0], stats, 1, top_t=1, selected=[0])
-    with pytest.raises(TfidfError, match="layer 3"):
+    with pytest.raises(AnalysisError, match="layer 3"):
         tfidf_table([1, 0, 0, 0], stats, 3)
-    with pytest.raises(TfidfError, match="integers"):
+    with pytest.raises(AnalysisError, match="integers"):
         tfidf_table(np.array([1.0, 0, 0, 0]), stats, 1)
-    with pytest.raises(TfidfError, match=">= 0"):
+    with pytest.raises(AnalysisError, match=">= 0"):
         tfidf_table([1, -1, 0, 0], stats, 1)
-    with pytest.raises(TfidfError, match="slots"):
+    with pytest.raises(AnalysisError, match="slots"):
         tfidf_table([1, 0, 0, 0], stats, 1, other=make_stats([1, 0, 2], 3))
 
 
@@ -149,11 +125,11 @@ def test_trace_slot_counts():
     assert np.array_equal(trace_slot_counts(trace, rows=[0, 1]), expected)
     everything = trace_slot_counts(trace)
     assert everything.sum() == 12 and everything[1] == 3 and everything[15] == 1
-    with pytest.raises(TfidfError, match="not in this trace"):
+    with pytest.raises(AnalysisError, match="not in this trace"):
         trace_slot_counts(trace, doc_ids=["nope"])
-    with pytest.raises(TfidfError, match="layer 0"):
+    with pytest.raises(AnalysisError, match="layer 0"):
         trace_slot_counts(trace, layer=0)
-    with pytest.raises(TfidfError, match="rows"):
+    with pytest.raises(AnalysisError, match="rows"):
         trace_slot_counts(trace, rows=[7])
 
 
@@ -179,7 +155,7 @@ def test_batch_slot_counts_excludes_padding(micro_model):
     got = batch_slot_counts(model, {"input_ids": ids, "attention_mask": mask, "labels": ids})
     assert np.array_equal(got, ref)
     assert got.sum() == int(mask.sum()) * ind.shape[2] * ind.shape[3]
-    with pytest.raises(TfidfError, match="not a memory layer"):
+    with pytest.raises(AnalysisError, match="not a memory layer"):
         batch_slot_counts(model, {"input_ids": ids}, layer=block + 5)
 
 
@@ -187,14 +163,14 @@ def test_batch_slot_counts_excludes_padding(micro_model):
 
 
 def fake_run(path, rows, base="h"):
-    path.mkdir(parents=True)
     identity = {"format": RUN_FORMAT, "config": FinetuneConfig(top_t=3).resolved().to_dict(), "base_model_hash": base,
                 "stream": {"facts": sorted({r["fact_id"] for r in rows})}}
-    (path / "config.json").write_text(json.dumps(identity))
+    run_dir = FinetuneRunDir(path)
+    run_dir.write_identity(identity)
     full = [{"fact_index": 0, "loss": 1.0, "layer": 1, "accessed": 10, "grad_norm": 0.5,
              "tf": [0.1] * len(r["selected"]), "df": [1] * len(r["selected"]), "score": [0.2] * len(r["selected"])} | r
             for r in rows]
-    pq.write_table(pa.Table.from_pylist(full, schema=STEP_SCHEMA), path / "steps.parquet")
+    run_dir.write_steps(full)
     return Run(path)
 
 
@@ -204,7 +180,7 @@ def test_step_table(tmp_path):
     out = step_table(run, 1)
     assert out["slot"].tolist() == [5, 3, 1] and out["rank"].tolist() == [1, 2, 3]
     assert out["selected"].all() and (out["fact_id"] == "f1").all()
-    with pytest.raises(TfidfError, match="no step 9"):
+    with pytest.raises(AnalysisError, match="no step 9"):
         step_table(run, 9)
-    with pytest.raises(TfidfError, match="selected no slots"):
+    with pytest.raises(AnalysisError, match="selected no slots"):
         step_table(run, 2)

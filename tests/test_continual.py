@@ -99,7 +99,7 @@ def ws(tmp_path_factory):
 
 def _finetune(ws, run_dir, **kw):
     from smviz.pipeline import run_finetune
-    from smviz.train.finetune import FinetuneConfig
+    from smviz.train import FinetuneConfig
 
     config = FinetuneConfig(method="sparse", top_t=8, batch_size=4, steps_per_fact=2, eval_every=2)
     return run_finetune(ws.model("micro"), run_dir, config, facts=ws.data / "facts-new.jsonl",
@@ -124,7 +124,7 @@ def test_stream_background_counts_each_batch_as_a_document(ws, tmp_path):
     """The stream's own statistics against an independent count: the recorder's reads, batch by batch."""
     from smviz.model import MemoryModel
     from smviz.record import AccessRecorder
-    from smviz.train.stream import FactStream, stream_stats
+    from smviz.train import FactStream, stream_stats
     from smviz.data.facts import read_facts
     import torch
 

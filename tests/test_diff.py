@@ -12,23 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from smviz.analysis.diff import (
-    DiffError,
-    access_shift,
-    allowed_rows,
-    diff_models,
-    diff_run_model,
-    diff_run_steps,
-    fact_shift,
-)
-from smviz.analysis.runs import Run, RunError
+from smviz.analysis.diff import allowed_rows, diff_models, diff_run_model, diff_run_steps
+from smviz.analysis.runs import Run
+from smviz.analysis.shift import access_shift, fact_shift
 from smviz.data.facts import Fact, Question, qa_text
 from smviz.data.tokenizer import pack_documents, train_tokenizer
 from smviz.model import MemoryModel
 from smviz.record import AccessRecorder
 from smviz.stats import SlotStats, collect_stats
-from smviz.train.finetune import EvalSets, FinetuneConfig, finetune
-from smviz.train.stream import FactStream
+from smviz.errors import AnalysisError, RunError
+from smviz.train import EvalSets, FactStream, FinetuneConfig, finetune
 
 CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Quito", "Accra"]
 
@@ -148,23 +141,23 @@ def test_run_steps_rebuilt_from_deltas(ws):
 def test_bad_input_is_refused(ws, tmp_path):
     run = Run(ws["run"])
     for a, b in ((2, 2), (3, 1), (0, 9), (-1, 2)):
-        with pytest.raises(DiffError):
+        with pytest.raises(AnalysisError):
             diff_run_steps(run, ws["base"], a, b)
     other = make_model(seed=1)
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(RunError, match="started from model"):
         diff_run_steps(run, tmp_path / "other", 0, 1)
     before = MemoryModel.from_pretrained(ws["base"])
-    with pytest.raises(DiffError, match="memory configs"):
+    with pytest.raises(AnalysisError, match="memory configs"):
         diff_models(before, make_model(knn=2))
     gpt2 = MemoryModel.from_preset("micro-gpt2", seed=0)
-    with pytest.raises(DiffError, match="gpt2"):
+    with pytest.raises(AnalysisError, match="gpt2"):
         diff_models(before, gpt2)
-    with pytest.raises(DiffError, match="out of range"):
+    with pytest.raises(AnalysisError, match="out of range"):
         diff_models(before, before, allowed={1: [256]})
-    with pytest.raises(DiffError, match="no memory layer"):
+    with pytest.raises(AnalysisError, match="no memory layer"):
         diff_models(before, before, allowed={0: [1]})
-    with pytest.raises(DiffError, match="allowed="):
+    with pytest.raises(AnalysisError, match="allowed="):
         diff_models(before, before, method="sparse")
 
 
@@ -202,5 +195,41 @@ def test_fact_shift(ws):
     assert len(df) == 3 and list(df["fact_id"]) == ["f0", "f1", "f2"]
     assert (df["delta_f1"] == df["f1_after"] - df["f1_before"]).all()
     assert df["gold"].tolist() == CITIES[:3]
-    with pytest.raises(DiffError):
+    with pytest.raises(AnalysisError):
         fact_shift(before, after, [])
+
+
+def test_question_access_shift_probes_the_held_out_questions(ws):
+    """The one access shift of a diff (report and app page): `access_shift` on the facts' held-out
+    questions as qa_prompt text — not on their statements."""
+    from smviz.analysis import question_access_shift
+    from smviz.data.facts import qa_prompt
+
+    before = MemoryModel.from_pretrained(ws["base"])
+    after = MemoryModel.from_pretrained(ws["run"] / "model")
+    with torch.no_grad():
+        after.memory_layers[1].query.weight.mul_(-1.0)
+    facts = ws["facts"]
+    shift = question_access_shift(before, after, facts)
+    probe = [qa_prompt(f"In which city was {f.subject} born?") for f in facts]  # the held-out template, by hand
+    assert shift.equals(access_shift(before, after, probe))
+    assert shift.attrs["probe_size"] == 3 and "held-out questions" in shift.attrs["protocol"]
+    statements = access_shift(before, after, [s for f in facts for s in f.statements[:2]])  # the page's old probe
+    assert len(statements) != len(shift)
+    with pytest.raises(AnalysisError, match="no facts"):
+        question_access_shift(before, after, [])
+
+
+def test_audit_with_a_run_needs_its_own_final_model(ws, tmp_path):
+    from smviz.analysis import check_run_model, run_diff
+
+    run = Run(ws["run"])
+    before = MemoryModel.from_pretrained(ws["base"])
+    after = MemoryModel.from_pretrained(ws["run"] / "model")
+    assert run_diff(run, before, after).violations.empty
+    other = make_model(seed=1)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(AnalysisError, match=f"ended with model {run.model_hash}, but the model compared is"):
+        check_run_model(run, before, MemoryModel.from_pretrained(tmp_path / "other"))
+    with pytest.raises(RunError, match="started from model"):
+        check_run_model(run, MemoryModel.from_pretrained(tmp_path / "other"), after)

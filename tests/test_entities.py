@@ -181,7 +181,7 @@ def test_errors_are_clear(tmp_path):
 
 def make_run(path, base_hash="hash-a"):
     from smviz.analysis.runs import Run
-    from smviz.train.finetune import RUN_FORMAT, STEP_SCHEMA
+    from smviz.train.rundir import RUN_FORMAT, STEP_SCHEMA
 
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"format": RUN_FORMAT, "base_model_hash": base_hash,

@@ -26,22 +26,14 @@ from smviz.cli import main
 from smviz.data.corpus import write_corpus
 from smviz.data.tokenizer import pack_documents, train_tokenizer
 from smviz.data.world import WorldConfig
-from smviz.errors import ConfigError, SmvizError
+from smviz.errors import ConfigError, RunError, SmvizError
 from smviz.model import MemoryModel
 from smviz.pipeline import CORPUS_FILES, build_data, load_data
 from smviz.record import AccessRecorder
 from smviz.stats import STATS_FILE, SlotStats, collect_stats, top_slots
-from smviz.train.finetune import (
-    DEFAULT_LR,
-    LORA_TARGETS,
-    STEP_SCHEMA,
-    EvalSets,
-    FinetuneConfig,
-    _Trainer,
-    finetune,
-)
-from smviz.train.sparse import RowSelector
-from smviz.train.stream import FactStream
+from smviz.train import EvalSets, FactStream, FinetuneConfig, RowSelector, Trainer, finetune, get_method
+from smviz.train.lora import DEFAULT_TARGETS
+from smviz.train.rundir import STEP_SCHEMA
 from smviz.workspace import Workspace
 
 CPU = torch.device("cpu")
@@ -93,8 +85,8 @@ def to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def train_step(trainer: _Trainer, batch: dict[str, torch.Tensor], step: int):
-    """`_Trainer.step` → (loss, selections per layer, gradient norms per layer or None when not reported)."""
+def train_step(trainer: Trainer, batch: dict[str, torch.Tensor], step: int):
+    """`Trainer.step` → (loss, selections per layer, gradient norms per layer or None when not reported)."""
     out = trainer.step(batch, step)
     return out[0], out[1], (out[2] if len(out) > 2 else None)
 
@@ -198,7 +190,7 @@ def test_sparse_selection_is_tfidf_by_hand():
 
 def test_selector_refuses_bad_settings():
     background = SlotStats((1,), 6, "batch", torch.ones(1, 6, dtype=torch.long), torch.ones(1, 6, dtype=torch.long), n_docs=2)
-    with pytest.raises(ConfigError, match="unknown selection method"):
+    with pytest.raises(ConfigError, match="unknown method 'tfidf'"):
         RowSelector("tfidf", 3, 6, background, CPU)
     for t in (0, 7):
         with pytest.raises(ConfigError, match="top_t must lie in"):
@@ -271,7 +263,7 @@ def test_selection_inside_the_step_counts_real_tokens_only(ws, world, method, de
     real = recorded_counts(model, batch)
     padded = all_position_counts(model, batch)
     t = 12
-    trainer = _Trainer(model, FinetuneConfig(method=method, top_t=t).resolved(), stats, device)
+    trainer = Trainer(model, FinetuneConfig(method=method, top_t=t).resolved(), stats, device)
     _, selections, _ = train_step(trainer, batch, 0)
     assert set(selections) == set(BLOCKS)
     for block, sel in selections.items():
@@ -298,7 +290,7 @@ def test_sparse_sgd_step_changes_exactly_the_selected_rows_by_minus_lr_grad(ws, 
     ref_loss, grads = dense_value_grads(model, batch)
     before = snapshot(model)
     lr, t = 0.5, 12
-    trainer = _Trainer(model, FinetuneConfig(method="sparse", top_t=t, lr=lr).resolved(), stats, device)
+    trainer = Trainer(model, FinetuneConfig(method="sparse", top_t=t, lr=lr).resolved(), stats, device)
     loss, selections, grad_norms = train_step(trainer, batch, 0)
     assert loss == ref_loss  # selecting inside the forward pass does not change it
     after = model.state_dict()
@@ -324,7 +316,7 @@ def test_sparse_adamw_leaves_unselected_rows_alone_where_dense_adamw_moves_them(
     stream = FactStream(world.new, model.tokenizer, batch_size=4)
     lr, wd, t = 1e-2, 0.1, 10
     config = FinetuneConfig(method="sparse", optimizer="adamw", top_t=t, lr=lr, weight_decay=wd).resolved()
-    trainer = _Trainer(model, config, stats, device)
+    trainer = Trainer(model, config, stats, device)
     values = value_keys(model)
     start = snapshot(model)
     # references fed the same per-step gradients (zero outside the step's selection):
@@ -382,11 +374,11 @@ def test_sparse_adamw_leaves_unselected_rows_alone_where_dense_adamw_moves_them(
 def test_lora_trains_only_adapter_weights(ws, world, device):
     model, _ = load(ws, device)
     base = snapshot(model)
-    targets = {n.rsplit(".", 1)[-1] for n, m in model.lm.named_modules() if isinstance(m, torch.nn.Linear)} & set(LORA_TARGETS)
+    targets = {n.rsplit(".", 1)[-1] for n, m in model.lm.named_modules() if isinstance(m, torch.nn.Linear)} & set(DEFAULT_TARGETS)
     assert targets == {"q_proj", "k_proj", "v_proj", "o_proj"}  # both FFNs are memory layers
     rank, alpha = 4, 8.0
     config = FinetuneConfig(method="lora", lr=1e-2, lora_rank=rank, lora_alpha=alpha).resolved()
-    trainer = _Trainer(model, config, None, device)
+    trainer = Trainer(model, config, None, device)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and set(trainer.trainable) == trainable
     assert all(".lora_A." in n or ".lora_B." in n for n in trainable)
@@ -438,7 +430,7 @@ def test_sparse_run_directory_is_complete(ws, world, tmp_path, device):
 
     identity = json.loads((run_dir / "config.json").read_text())
     assert identity["format"] == "smviz-finetune/1" and identity["config"] == config.to_dict()
-    assert (identity["config"]["optimizer"], identity["config"]["lr"], identity["config"]["weight_decay"]) == ("sgd", DEFAULT_LR[("sgd", "memory")], 0.0)
+    assert (identity["config"]["optimizer"], identity["config"]["lr"], identity["config"]["weight_decay"]) == ("sgd", get_method("sparse").default_lr["sgd"], 0.0)
     assert identity["base_model_hash"] == base.model_hash == identity["stats"]["model_hash"]
     assert identity["stream"]["facts"] == [f.id for f in facts]
 
@@ -603,9 +595,11 @@ def test_cli_bad_input_exits_2_and_writes_nothing(ws, tmp_path, capsys):
         (["--known", str(bad / "empty.jsonl")], "holds no facts"),
         (["--top-t", "0"], "top_t must be >= 1"),
         (["--top-t", "257"], "larger than the memory (256 slots)"),
-        (["--method", "dense"], "choose one of sparse, tf-only, memory-all, random-t, full, lora"),
-        (["--lr", "0"], "lr must be > 0"),
-        (["--lr", "-0.5"], "lr must be > 0"),
+        (["--method", "dense"], "choose one of sparse, tf-only, memory-all, random-t, kl, full, lora"),
+        (["--lr", "0"], "lr must be a finite number"),
+        (["--lr", "-0.5"], "lr must be a finite number"),
+        (["--lr", "inf"], "lr must be a finite number"),
+        (["--lr", "nan"], "lr must be a finite number"),
         (["--optimizer", "sgd", "--set", "weight_decay=0.1"], "weight decay is an AdamW setting"),
     ]
     model_files = {p: p.read_bytes() for p in ws.root.rglob("*") if p.is_file()}
@@ -643,7 +637,7 @@ def test_cli_stream_slice_and_stream_background(ws, tmp_path, capsys):
 def test_row_adamw_state_grows_without_changing_results():
     """3 steps of 800 new rows each outgrow the first 1,024-row buffers twice: the weights must equal
     an optimizer whose buffers never grew, and a state_dict round trip must continue identically."""
-    from smviz.train.sparse import RowAdamW
+    from smviz.train.row_optim import RowAdamW
 
     g = torch.Generator().manual_seed(0)
     n, v_dim = 5000, 8
@@ -665,3 +659,92 @@ def test_row_adamw_state_grows_without_changing_results():
     restored.step(w_restored, rows, grad)
     assert torch.equal(w_grown, w_restored)
     assert grown.state_elements() == n + grown.used * (2 * v_dim + 2)
+
+
+# --------------------------------------------------------------------------- kl, divergence, LoRA on GPT-2
+
+
+def test_cli_method_kl_runs_and_selects_by_kl(ws, world, tmp_path, capsys):
+    out = tmp_path / "kl"
+    assert main(cli_args(ws, out, "--method", "kl", "--json")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["method"] == "kl" and summary["steps"] == 3 and summary["trainable_per_step"] == 8 * 64 * len(BLOCKS)
+    assert MemoryModel.from_pretrained(out / "model").model_hash == summary["model_hash"]
+    assert sorted(p.name for p in (out / "deltas").iterdir()) == [f"step-{s:06d}.safetensors" for s in (1, 2, 3)]
+    # step 1 chose the top 8 read slots by p·log(p/q), computed here from an independent count
+    model, stats = load(ws)
+    config = FinetuneConfig.from_dict(json.loads((out / "config.json").read_text())["config"])
+    stream = FactStream(world.new[:3], model.tokenizer, config.batch_size, config.steps_per_fact, config.composition, config.seed)
+    counts = recorded_counts(model, stream.batch(0))
+    rows = [r for r in pq.read_table(out / "steps.parquet").to_pylist() if r["step"] == 1]
+    assert len(rows) == len(BLOCKS)
+    for r in rows:
+        c, bg = counts[r["layer"]], stats.counts[stats.layer_index(r["layer"])].numpy()
+        total, bg_total, n = c.sum(), bg.sum(), len(c)
+        score = {i: c[i] / total * math.log((c[i] / total) / ((bg[i] + 1) / (bg_total + n))) for i in range(n) if c[i] > 0}
+        expected = sorted(score, key=lambda i: (-score[i], i))[:8]
+        assert r["selected"] == expected
+        assert r["score"] == pytest.approx([score[i] for i in expected], rel=1e-5)
+
+
+def test_a_diverging_run_stops_without_finishing_and_its_json_stays_strict(ws, tmp_path):
+    config = FinetuneConfig(method="full", optimizer="sgd", lr=1e30, batch_size=4, steps_per_fact=1, eval_every=1)
+    out = tmp_path / "diverged"
+    with pytest.raises(RunError, match=r"step \d+: the training loss is (nan|inf).*not finite.*lower the learning rate"):
+        run(ws, out, config)
+    assert out.is_dir() and not (out / "summary.json").exists() and not (out / "model").exists()
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in a JSON file")
+
+    files = [p for p in out.rglob("*") if p.suffix in (".json", ".jsonl")]
+    assert {p.name for p in files} >= {"config.json", "metrics.jsonl"}
+    for p in files:
+        for line in p.read_text().splitlines() if p.suffix == ".jsonl" else [p.read_text()]:
+            json.loads(line, parse_constant=refuse)
+    with pytest.raises(RunError, match="not finite"):  # the same command again: the same clear stop, still unfinished
+        run(ws, out, config)
+    assert not (out / "summary.json").exists()
+
+
+def test_lora_adapts_gpt2_conv1d_layers_and_the_audit_agrees(ws, world, tmp_path, device):
+    from transformers.pytorch_utils import Conv1D
+
+    from smviz.analysis import diff_models
+
+    tokenizer = load(ws)[0].tokenizer
+    gpt2 = MemoryModel.from_preset("micro-gpt2", seed=0, vocab_size=len(tokenizer))
+    gpt2.tokenizer = tokenizer
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    model = MemoryModel.from_pretrained(tmp_path / "gpt2", device=device)
+    conv = {n for n, m in model.named_modules() if isinstance(m, Conv1D)}  # GPT-2's projections: not nn.Linear
+    assert {n.rsplit(".", 1)[-1] for n in conv} == {"c_attn", "c_proj", "c_fc"}
+    base = snapshot(model)
+    rank_, alpha = 4, 8.0
+    config = FinetuneConfig(method="lora", lr=1e-2, lora_rank=rank_, lora_alpha=alpha).resolved()
+    trainer = Trainer(model, config, None, device)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n.split(".lora_")[0] for n in trainable} == conv  # every c_attn, c_proj, c_fc (memory blocks: no MLP)
+    stream = FactStream(world.new, model.tokenizer, batch_size=4)
+    for step in range(2):
+        train_step(trainer, to(stream.batch(step), device), step)
+    state = model.state_dict()
+    merged = trainer.final_model()
+    after = merged.state_dict()
+    assert set(after) == set(base)
+    for key in base:
+        module = key.rsplit(".", 1)[0]
+        if module in conv and key.endswith(".weight"):
+            a, b = state[f"{module}.lora_A.default.weight"], state[f"{module}.lora_B.default.weight"]
+            # Conv1D keeps W as (in, out): the update is (B A)ᵀ
+            torch.testing.assert_close(after[key], base[key] + alpha / rank_ * (b @ a).T, rtol=1e-5, atol=1e-6)
+            assert not torch.equal(after[key], base[key])
+        else:
+            assert torch.equal(after[key], base[key]), key
+    # the frozen-parameter audit allows exactly those weights and finds no violation
+    before = MemoryModel.from_pretrained(tmp_path / "gpt2", device=device)
+    audit = diff_models(before, merged, method="lora", lora_targets=config.lora_targets).audit
+    changed = set(audit[audit["changed"] > 0]["parameter"])
+    assert changed == {f"{m.removeprefix('lm.')}.weight" for m in conv} and not audit["violation"].any()
+    assert audit[audit["parameter"].isin(changed)]["allowed"].all()
+    assert set(diff_models(before, merged).violations["parameter"]) == changed  # allowed nothing: each is a violation

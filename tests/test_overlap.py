@@ -5,19 +5,15 @@ refused."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from smviz.analysis.min_t import min_t
 from smviz.analysis.overlap import (
-    ModelMismatchError,
-    OverlapError,
     background_overlap,
     background_top,
     churn,
@@ -32,9 +28,11 @@ from smviz.analysis.overlap import (
     slot_reuse,
 )
 from smviz.analysis.runs import Run
+from smviz.errors import AnalysisError
 from smviz.stats import SlotStats
 from smviz.trace import Trace
-from smviz.train.finetune import RUN_FORMAT, STEP_SCHEMA, FinetuneConfig
+from smviz.train import FinetuneConfig
+from smviz.train.rundir import RUN_FORMAT, FinetuneRunDir
 
 # --------------------------------------------------------------------------- matrices
 
@@ -65,9 +63,9 @@ def test_matrices_match_python_sets():
 
 
 def test_matrices_refuse_empty():
-    with pytest.raises(OverlapError, match="empty"):
+    with pytest.raises(AnalysisError, match="empty"):
         jaccard_matrix({"a": [1], "b": []})
-    with pytest.raises(OverlapError, match="no slot sets"):
+    with pytest.raises(AnalysisError, match="no slot sets"):
         overlap_matrix({})
 
 
@@ -76,14 +74,14 @@ def test_matrices_refuse_empty():
 
 def fake_run(path, rows, base="h"):
     """A run directory with config.json and a steps.parquet of `rows` (step, fact_id, selected; layer 1)."""
-    path.mkdir(parents=True)
     identity = {"format": RUN_FORMAT, "config": FinetuneConfig(top_t=3).resolved().to_dict(), "base_model_hash": base,
                 "stream": {"facts": list(dict.fromkeys(r["fact_id"] for r in rows))}}
-    (path / "config.json").write_text(json.dumps(identity))
+    run_dir = FinetuneRunDir(path)
+    run_dir.write_identity(identity)
     full = [{"fact_index": 0, "loss": 1.0, "layer": 1, "accessed": 10, "grad_norm": 0.5,
              "tf": [0.1] * len(r["selected"]), "df": [1] * len(r["selected"]), "score": [0.2] * len(r["selected"])} | r
             for r in rows]
-    pq.write_table(pa.Table.from_pylist(full, schema=STEP_SCHEMA), path / "steps.parquet")
+    run_dir.write_steps(full)
     return Run(path)
 
 
@@ -103,9 +101,9 @@ def run(tmp_path):
 def test_selected_sets(run):
     assert {k: v.tolist() for k, v in selected_sets(run, by="fact").items()} == {"F1": [1, 3, 5, 7], "F2": [5, 7, 9, 11, 12]}
     assert {k: v.tolist() for k, v in selected_sets(run, by="step", t=1).items()} == {1: [5], 2: [3], 3: [7], 4: [9]}
-    with pytest.raises(OverlapError, match="by must be"):
+    with pytest.raises(AnalysisError, match="by must be"):
         selected_sets(run, by="nope")
-    with pytest.raises(OverlapError, match="layer 0"):
+    with pytest.raises(AnalysisError, match="layer 0"):
         selected_sets(run, layer=0)
 
 
@@ -152,7 +150,7 @@ def test_background_overlap(run):
     by_fact = background_overlap(run, stats, top=3, by="fact")
     assert by_fact["fact_id"].tolist() == ["F1", "F2"] and by_fact["n_in_top"].tolist() == [1, 2]
     other = SlotStats((1,), 16, "batch", counts, (counts > 0).long(), n_docs=3, model_hash="other")
-    with pytest.raises(ModelMismatchError):
+    with pytest.raises(AnalysisError):
         background_overlap(run, other)
 
 
@@ -164,16 +162,16 @@ def test_cross_run(tmp_path, run):
     assert (r.n_a, r.n_b, r.intersection) == (5, 3, 2)
     assert r.jaccard == pytest.approx(2 / 6) and r.overlap == pytest.approx(2 / 3)
     c = fake_run(tmp_path / "c", [{"step": 1, "fact_id": "F9", "selected": [1]}])
-    with pytest.raises(OverlapError, match="no fact in common"):
+    with pytest.raises(AnalysisError, match="no fact in common"):
         cross_run(run, c)
     d = fake_run(tmp_path / "d", [{"step": 1, "fact_id": "F2", "selected": [1]}], base="zzz")
-    with pytest.raises(ModelMismatchError):
+    with pytest.raises(AnalysisError):
         cross_run(run, d)
 
 
 def test_full_method_run_refused(tmp_path):
     r = fake_run(tmp_path / "r", [{"step": 1, "fact_id": "F1", "selected": []}])
-    with pytest.raises(OverlapError, match="selected no slots"):
+    with pytest.raises(AnalysisError, match="selected no slots"):
         churn(r)
 
 
@@ -219,13 +217,13 @@ def test_core_set_by_hand():
     assert core_sets(trace, layer=1)["fact_id"].tolist() == ["F1"]  # F2 has no question: left out by default
     r = table.iloc[0]
     assert (r.n_statements, r.n_questions, r.paraphrase_size, r.question_size, r.core_size) == (1 + 1, 1, 3, 6, 3)
-    with pytest.raises(OverlapError, match="no question documents"):
+    with pytest.raises(AnalysisError, match="no question documents"):
         core_set(trace, "F2", layer=1)
-    with pytest.raises(OverlapError, match="no documents"):
+    with pytest.raises(AnalysisError, match="no documents"):
         core_set(trace, "F7", layer=1)
-    with pytest.raises(OverlapError, match="say which one"):
+    with pytest.raises(AnalysisError, match="say which one"):
         core_set(trace, "F1")
-    with pytest.raises(OverlapError, match="part"):
+    with pytest.raises(AnalysisError, match="part"):
         core_set(trace, "F1", layer=1, part="nope")
 
 
@@ -247,9 +245,9 @@ def test_core_coverage(tmp_path):
     assert row.coverage == pytest.approx(2 / 3) and row.trained_in_core == pytest.approx(2 / 4)
     # each step's best t=1 only: {4, 8}
     assert core_coverage(r, trace, part="all", t=1).iloc[0].covered == 1
-    with pytest.raises(OverlapError, match="not trained"):
+    with pytest.raises(AnalysisError, match="not trained"):
         core_coverage(r, trace, fact_ids=["F2"])
-    with pytest.raises(ModelMismatchError, match="record the trace"):
+    with pytest.raises(AnalysisError, match="record the trace"):
         core_coverage(r, facts_trace("other"))
 
 
@@ -268,8 +266,7 @@ def micro(tmp_path_factory):
     from smviz.data.tokenizer import train_tokenizer
     from smviz.model import MemoryModel
     from smviz.stats import collect_stats
-    from smviz.train.finetune import EvalSets, finetune
-    from smviz.train.stream import FactStream
+    from smviz.train import EvalSets, FactStream, finetune
 
     facts = [
         Fact(f"F{i}", name, "birthplace", city,
@@ -322,5 +319,5 @@ def test_min_t_sweep_micro(micro):
     assert np.isnan(out["loss"][0]) and np.isfinite(out["loss"][1:]).all()
     assert out.attrs["min_t"] == min_t(out)
     assert torch.equal(base.memory_layers[next(iter(base.memory_layers))].value_table.weight, before)  # base untouched
-    with pytest.raises(OverlapError, match="exceed"):
+    with pytest.raises(AnalysisError, match="exceed"):
         min_t_sweep(base, micro["stats"], micro["facts"][0], ts=(10_000_000,))

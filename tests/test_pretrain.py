@@ -131,12 +131,29 @@ def test_run_dir_refuses_another_config(tmp_path, setting):
     assert (tmp_path / "r" / "config.json").read_bytes() == before
 
 
-def test_bad_config():
+def test_bad_config(caplog):
     with pytest.raises(ConfigError):
         micro_config(preset="huge")
     with pytest.raises(ConfigError):
         micro_config(fact_share=1.5)
     with pytest.raises(ConfigError):
         micro_config(steps=5, dense_phase_steps=5)
-    with pytest.raises(ConfigError, match="unknown"):
-        PretrainConfig.from_dict({"stepz": 3})
+    for bad in ({"lr": float("inf")}, {"lr": float("nan")}, {"lr": 0}):
+        with pytest.raises(ConfigError, match="PretrainConfig.lr must be"):
+            PretrainConfig.from_dict({"preset": "micro", **bad})
+    with pytest.raises(ConfigError, match="PretrainConfig.steps must be an integer"):
+        PretrainConfig.from_dict({"preset": "micro", "steps": "many"})
+    with pytest.raises(ConfigError, match="PretrainConfig.memory must be an object"):
+        PretrainConfig.from_dict({"preset": "micro", "memory": "big"})
+    # a config read from disk may come from a newer smviz: unknown keys are ignored, with a warning
+    with caplog.at_level("WARNING"):
+        config = PretrainConfig.from_dict({"preset": "micro", "stepz": 3, "memory": {"knn": 2}})
+    assert config == PretrainConfig(preset="micro", memory={"knn": 2}) and "ignoring unknown fields ['stepz']" in caplog.text
+
+
+def test_every_config_field_has_help():
+    from smviz.config import field_help
+    from smviz.train import FinetuneConfig
+
+    for cls in (PretrainConfig, FinetuneConfig):
+        assert all(f.help for f in field_help(cls)), cls

@@ -158,3 +158,23 @@ def test_bad_input_exits_2_and_writes_nothing(ws, tmp_path, capsys):
     assert main(["report", "run", str(tmp_path / "no-run"), "--out", str(out)]) == 2
     assert list(out.parent.iterdir()) == []
     assert "error" in capsys.readouterr().err
+
+
+def test_diff_report_refuses_a_run_that_did_not_write_after(ws, tmp_path, capsys):
+    """`--after RUN_A/model --run RUN_B`: B's allowances would judge A's model (a sparse model audited as
+    full hides every violation); the run's final model must be the --after model, by hash."""
+    from smviz.analysis import Run
+    from smviz.errors import AnalysisError
+    from smviz.report import build_diff_report
+
+    out = tmp_path / "r.html"
+    args = _diff_args(ws, out) + ["--run", str(ws.run("full"))]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    full = Run(ws.run("full"))
+    assert err.count("\n") == 0 and err.startswith("smviz report: error:") and "Traceback" not in err
+    assert f"ended with model {full.model_hash}" in err and "give the run that wrote this model" in err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(AnalysisError, match="ended with model"):
+        build_diff_report(ws.model("micro"), ws.run("sparse") / "model", ws.data / "facts-new.jsonl",
+                          ws.data / "facts-known.jsonl", run_dir=ws.run("full"))

@@ -369,6 +369,22 @@ def test_stored_in_model_dir_keeps_the_model_hash(saved_models):
         SlotStats.load_for_model(other_dir)
 
 
+def test_identical_statistics_give_identical_files(tmp_path, saved_models):
+    """The header is written in sorted order: the same statistics, however their protocol's keys were
+    inserted, give the same bytes (safetensors alone writes metadata in a hash map's varying order)."""
+    import hashlib
+
+    _, model = saved_models[0]
+    s = collect_stats(model, BATCHES, protocol={"source": "t", "seed": 3, "batch_size": 4})
+    t = replace(s, protocol=dict(reversed(list(s.protocol.items()))))  # the same keys, inserted the other way round
+    assert s == t and list(t.protocol) != list(s.protocol)
+    files = [s.save(tmp_path / "a.safetensors"), t.save(tmp_path / "b.safetensors")]
+    data = {s.to_bytes() for _ in range(10)} | {t.to_bytes() for _ in range(10)} | {f.read_bytes() for f in files}
+    assert len(data) == 1
+    assert len({hashlib.sha256(f.read_bytes()).hexdigest() for f in files}) == 1
+    assert SlotStats.load(files[1]) == s  # still a safetensors file smviz (and safetensors) reads
+
+
 # --------------------------------------------------------------------------- TF-IDF
 
 

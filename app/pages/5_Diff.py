@@ -1,5 +1,6 @@
-"""smviz app — Diff: two steps of a sparse run, or a run's final checkpoint against its base model:
-changed slots, the audit of frozen parameters, access shift and per-fact metric deltas."""
+"""smviz app — Diff: two steps of a value-row run, or a run's final checkpoint against its base model:
+changed slots, the audit of frozen parameters, access shift (on the facts' held-out questions, as the
+diff report: `smviz.analysis.question_access_shift`) and per-fact metric deltas."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _common as c  # noqa: E402
 
 from smviz import figures  # noqa: E402
-from smviz.analysis import access_shift, diff_run_model, diff_run_steps, fact_shift  # noqa: E402
+from smviz.analysis import diff_run_model, diff_run_steps, fact_shift, question_access_shift  # noqa: E402
 
 st.set_page_config(page_title="smviz — Diff", layout="wide")
 st.title("Diff")
@@ -27,8 +28,7 @@ if base is None:
     st.error(f"Run {run_name} started from model {run.base_model_hash}, which is not in {ws.root / 'models'}.")
     st.stop()
 base_dir = str(ws.model(base))
-has_deltas = (ws.run(run_name) / "deltas").is_dir()
-modes = (["Two steps"] if has_deltas else []) + ["Base → final checkpoint"]
+modes = (["Two steps"] if run.has_deltas else []) + ["Base → final checkpoint"]
 mode = st.radio("Compare", modes, horizontal=True, key="mode")
 n_steps = int(run.steps["step"].max())
 
@@ -58,10 +58,10 @@ if mode == "Two steps":
     label = f"step {a} → step {b}"
 else:
     a, b = 0, n_steps
-    if not (ws.run(run_name) / "model").is_dir():
+    if not run.model_dir.is_dir():
         st.warning(f"Run {run_name} has no final model yet; finish it by running the same `smviz finetune` command again.")
         st.stop()
-    before, after = c.load_model(base_dir), c.load_model(str(ws.run(run_name) / "model"))
+    before, after = c.load_model(base_dir), c.load_model(str(run.model_dir))
     fact_ids = list(dict.fromkeys(run.steps["fact_id"]))
     label = f"{base} → {run_name}/model"
 
@@ -86,9 +86,9 @@ facts = c.load_facts(str(ws.data))
 chosen = [facts[f] for f in fact_ids if f in facts]
 st.subheader("Access shift")
 if chosen:
-    probe = [s for f in chosen for s in f.statements[:2]]
-    shift = access_shift(before, after, probe)
-    st.write(f"Mean Jaccard of each token's slots over {len(shift)} probe tokens: {shift['jaccard'].mean():.3f}")
+    shift = question_access_shift(before, after, chosen)
+    st.write(f"Mean Jaccard of each token's slots over {len(shift)} probe tokens: {shift['jaccard'].mean():.3f} "
+             f"({shift.attrs['protocol']})")
     st.plotly_chart(figures.access_shift_figure(shift), key="shift_fig")
     st.subheader("Per-fact metric deltas")
     fs = fact_shift(before, after, chosen)

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from smviz.errors import SmvizError
+from smviz.errors import AnalysisError
 
 # What a curve row carries beyond metrics.jsonl: drops are relative to the run's own start (step 0),
 # as the paper's headline numbers are (each method from its own base point).
@@ -26,10 +26,10 @@ def forgetting_curve(metrics: pd.DataFrame) -> pd.DataFrame:
     needed = {"step", "stream_em", "known_em", "known_f1", "heldout_nll"}
     missing = needed - set(metrics.columns)
     if missing:
-        raise SmvizError(f"metrics lack columns {sorted(missing)}; expected a finetuning run's metrics.jsonl")
+        raise AnalysisError(f"metrics lack columns {sorted(missing)}; expected a finetuning run's metrics.jsonl")
     curve = metrics.sort_values("step").reset_index(drop=True).copy()
     if curve.empty or curve["step"].iloc[0] != 0:
-        raise SmvizError("a curve starts with the evaluation before training (step 0), and this one has none")
+        raise AnalysisError("a curve starts with the evaluation before training (step 0), and this one has none")
     start = curve.iloc[0]
 
     def drop(column: str) -> pd.Series:

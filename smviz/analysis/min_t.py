@@ -1,5 +1,6 @@
 """The minimum trainable t at which a fact's answer becomes correct (paper §6, Table 1): on demand, a
-copy of the base model learns the fact alone with sparse memory finetuning at each t of a sweep."""
+copy of the base model learns the fact alone with sparse memory finetuning at each t of a sweep
+(through the public `smviz.train.Trainer`, as `finetune` trains)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from smviz.analysis.overlap import OverlapError
+from smviz.errors import AnalysisError
 from smviz.stats import SlotStats
 
 if TYPE_CHECKING:
@@ -49,14 +50,13 @@ def min_t_sweep(
 
     from smviz.evaluate import answer_questions
     from smviz.model import MemoryModel
-    from smviz.train.finetune import FinetuneConfig, _Trainer
-    from smviz.train.stream import FactStream
+    from smviz.train import FactStream, FinetuneConfig, Trainer
 
     ts = [int(t) for t in ts]
     if not ts or any(t < 0 for t in ts):
-        raise OverlapError(f"ts must be a non-empty list of t >= 0, got {ts}")
+        raise AnalysisError(f"ts must be a non-empty list of t >= 0, got {ts}")
     if not fact.heldout_questions:
-        raise OverlapError(f"fact {fact.id!r} has no held-out questions to evaluate")
+        raise AnalysisError(f"fact {fact.id!r} has no held-out questions to evaluate")
     base = MemoryModel.from_pretrained(model, device=device) if isinstance(model, (str, os.PathLike)) else model
     if run is not None:
         run.check_model(base)
@@ -64,7 +64,7 @@ def min_t_sweep(
     n_slots = base.memory_config.n_slots
     bad = [t for t in ts if t > n_slots]
     if bad:
-        raise OverlapError(f"t values {bad} exceed the memory's {n_slots} slots")
+        raise AnalysisError(f"t values {bad} exceed the memory's {n_slots} slots")
     cfg = dict(run.config) if run is not None else {}
     settings = {"lr": lr, "steps_per_fact": steps_per_fact, "batch_size": batch_size, "composition": composition, "seed": seed}
     for k, v in settings.items():
@@ -79,7 +79,7 @@ def min_t_sweep(
             config = FinetuneConfig(method="sparse", top_t=t, optimizer="sgd",
                                     **{k: v for k, v in cfg.items() if k in keep}).resolved()
             m.eval()
-            trainer = _Trainer(m, config, stats, m.device)
+            trainer = Trainer(m, config, stats, m.device)
             stream = FactStream([fact], m.tokenizer, batch_size=config.batch_size, steps_per_fact=config.steps_per_fact,
                                 composition=config.composition, seed=config.seed)
             for step in range(len(stream)):

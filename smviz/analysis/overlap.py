@@ -2,7 +2,7 @@
 matrices, reuse, churn, overlap with the background's most-used slots), the paper's core sets and how
 much of them the trainable set covers, and the same fact's selections in two runs (the minimum
 trainable t at which a fact is learned is `smviz.analysis.min_t`). Every function returns a DataFrame with
-documented columns (`core_set` returns the slot ids).
+documented columns (`core_set` returns the slot ids); bad input raises AnalysisError.
 
 Core set (paper §6, made concrete for a trace of a facts file, whose documents are 'FACT:s0', ... —
 the fact's statements, i.e. paraphrases — and 'FACT:q0', ... — its questions as "Question: ...\\nAnswer:
@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from smviz.errors import SmvizError
-from smviz.stats import SlotStats
+from smviz.errors import AnalysisError
+from smviz.stats import SlotStats, rank
 
 if TYPE_CHECKING:
     from smviz.analysis.runs import Run
@@ -33,14 +33,6 @@ ANSWER_MARK = "\nAnswer:"
 PARTS = ("prompt", "answer", "all")
 
 
-class OverlapError(SmvizError):
-    """Bad input to an overlap analysis: empty slot sets, unknown facts or layers, no common facts."""
-
-
-class ModelMismatchError(OverlapError):
-    """A trace, a run or statistics come from different models, so their slot ids do not correspond."""
-
-
 # --------------------------------------------------------------------------- set matrices
 
 
@@ -48,12 +40,12 @@ def _membership(sets: Mapping[Any, Iterable[int]] | Sequence[Iterable[int]]) -> 
     """Keys and the (n_sets, n_distinct_slots) 0/1 membership matrix (float64 for BLAS; exact below 2^53)."""
     items = list(sets.items()) if isinstance(sets, Mapping) else list(enumerate(sets))
     if not items:
-        raise OverlapError("no slot sets given")
+        raise AnalysisError("no slot sets given")
     keys = [k for k, _ in items]
     arrays = [np.unique(np.asarray(list(v) if not isinstance(v, np.ndarray) else v, dtype=np.int64)) for _, v in items]
     empty = [k for k, a in zip(keys, arrays) if len(a) == 0]
     if empty:
-        raise OverlapError(f"slot sets {empty[:5]} are empty; overlap of an empty selection is undefined (drop them)")
+        raise AnalysisError(f"slot sets {empty[:5]} are empty; overlap of an empty selection is undefined (drop them)")
     universe = np.unique(np.concatenate(arrays))
     m = np.zeros((len(arrays), len(universe)), dtype=np.float64)
     row = np.repeat(np.arange(len(arrays)), [len(a) for a in arrays])
@@ -96,14 +88,14 @@ def _layer_steps(run: Run, layer: int | None) -> tuple[int, pd.DataFrame]:
     layers = run.layers
     if layer is None:
         if len(layers) != 1:
-            raise OverlapError(f"run {run.path} has memory layers {layers}; say which one (layer=...)")
+            raise AnalysisError(f"run {run.path} has memory layers {layers}; say which one (layer=...)")
         layer = layers[0]
     if layer not in layers:
-        raise OverlapError(f"layer {layer} is not a memory layer of run {run.path} ({layers})")
+        raise AnalysisError(f"layer {layer} is not a memory layer of run {run.path} ({layers})")
     steps = run.steps
     steps = steps[steps["layer"] == layer].sort_values("step", kind="stable").reset_index(drop=True)
     if not sum(len(s) for s in steps["selected"]):
-        raise OverlapError(f"run {run.path} selected no slots in layer {layer} ({run.method} trains no value rows by selection)")
+        raise AnalysisError(f"run {run.path} selected no slots in layer {layer} ({run.method} trains no value rows by selection)")
     return int(layer), steps
 
 
@@ -123,9 +115,9 @@ def selected_sets(run: Run, *, by: str = "step", layer: int | None = None, t: in
     fact's steps), keeping only each step's best `t` when given (selections are stored best first, so
     this is the top-t set of a smaller t). Steps or facts that selected nothing are left out."""
     if by not in ("step", "fact"):
-        raise OverlapError(f"by must be 'step' or 'fact', got {by!r}")
+        raise AnalysisError(f"by must be 'step' or 'fact', got {by!r}")
     if t is not None and t < 1:
-        raise OverlapError(f"t must be >= 1, got {t}")
+        raise AnalysisError(f"t must be >= 1, got {t}")
     _, steps = _layer_steps(run, layer)
     long = _long(steps, t)
     key = "step" if by == "step" else "fact_id"
@@ -145,14 +137,14 @@ def slot_reuse(run: Run, layer: int | None = None) -> pd.DataFrame:
 
 
 def background_top(stats: SlotStats, layer: int, top: int) -> np.ndarray:
-    """The `top` most-read slots of block `layer` in the background (by `stats.counts`, ties to the
-    lower id), as int64 ids in that order."""
+    """The `top` most-read slots of block `layer` in the background (by `stats.counts`, ranked by
+    `smviz.stats.rank`: ties to the lower id), as int64 ids in that order."""
     if top < 1:
-        raise OverlapError(f"top must be >= 1, got {top}")
+        raise AnalysisError(f"top must be >= 1, got {top}")
     if layer not in stats.layers:
-        raise OverlapError(f"layer {layer} is not in the background statistics (layers {list(stats.layers)})")
-    counts = stats.counts[stats.layer_index(layer)].numpy()
-    return np.argsort(-counts, kind="stable")[:top].astype(np.int64)
+        raise AnalysisError(f"layer {layer} is not in the background statistics (layers {list(stats.layers)})")
+    counts = stats.counts[stats.layer_index(layer)]
+    return rank(counts, top).numpy().astype(np.int64)
 
 
 def background_overlap(run: Run, stats: SlotStats, *, top: int = 1000, by: str = "step", layer: int | None = None) -> pd.DataFrame:
@@ -160,7 +152,7 @@ def background_overlap(run: Run, stats: SlotStats, *, top: int = 1000, by: str =
     slots (`background_top`). Columns: step (or fact_id), n_selected, n_in_top, share (n_in_top /
     n_selected), expected (top / N: the share of a uniformly random selection)."""
     if stats.model_hash is not None and stats.model_hash != run.base_model_hash:
-        raise ModelMismatchError(f"the statistics are of model {stats.model_hash}, run {run.path} started from {run.base_model_hash}")
+        raise AnalysisError(f"the statistics are of model {stats.model_hash}, run {run.path} started from {run.base_model_hash}")
     layer, _ = _layer_steps(run, layer)
     top_ids = background_top(stats, layer, top)
     sets = selected_sets(run, by=by, layer=layer)
@@ -212,10 +204,10 @@ class _TraceView:
     def __init__(self, trace: Trace, layer: int | None) -> None:
         if layer is None:
             if len(trace.layers) != 1:
-                raise OverlapError(f"this trace holds layers {trace.layers}; say which one (layer=...)")
+                raise AnalysisError(f"this trace holds layers {trace.layers}; say which one (layer=...)")
             layer = trace.layers[0]
         if layer not in trace.layers:
-            raise OverlapError(f"layer {layer} was not recorded; this trace holds layers {trace.layers}")
+            raise AnalysisError(f"layer {layer} was not recorded; this trace holds layers {trace.layers}")
         self.layer = int(layer)
         tok = trace.tokens
         self.tokens = pd.DataFrame({c: tok.column(c).to_numpy(zero_copy_only=False) for c in ("row", "doc_id", "position", "text", "end")})
@@ -255,7 +247,7 @@ class _TraceView:
         text = "".join(texts)
         cut = text.rfind(ANSWER_MARK)
         if cut < 0:
-            raise OverlapError(f"document {doc_id!r} has no {ANSWER_MARK.strip()!r} line; it is not a Q/A document of a facts file")
+            raise AnalysisError(f"document {doc_id!r} has no {ANSWER_MARK.strip()!r} line; it is not a Q/A document of a facts file")
         prompt = end <= cut + len(ANSWER_MARK)
         return rows[prompt] if part == "prompt" else rows[~prompt]
 
@@ -276,14 +268,14 @@ def _doc_number(doc_id: str) -> int:
 
 def _core(view: _TraceView, fact_id: str, part: str) -> dict[str, Any]:
     if part not in PARTS:
-        raise OverlapError(f"part must be one of {list(PARTS)}, got {part!r}")
+        raise AnalysisError(f"part must be one of {list(PARTS)}, got {part!r}")
     statements, questions = view.fact_docs(fact_id)
     if not statements and not questions:
-        raise OverlapError(f"fact {fact_id!r} has no documents ('{fact_id}:s0', '{fact_id}:q0', ...) in this trace; "
+        raise AnalysisError(f"fact {fact_id!r} has no documents ('{fact_id}:s0', '{fact_id}:q0', ...) in this trace; "
                            "record the facts file that holds it")
     if not statements or not questions:
         missing = "statement" if not statements else "question"
-        raise OverlapError(f"fact {fact_id!r} has no {missing} documents in this trace; a core set needs both")
+        raise AnalysisError(f"fact {fact_id!r} has no {missing} documents in this trace; a core set needs both")
     p: np.ndarray | None = None
     for d in statements:
         s = view.slots_of_rows(view.by_doc[d]["row"].to_numpy().astype(np.int64))
@@ -313,7 +305,7 @@ def core_sets(trace: Trace, fact_ids: Iterable[str] | None = None, *, layer: int
                 kinds.setdefault(fact, set()).add(kind)
         fact_ids = [f for f, k in kinds.items() if k == {"s", "q"}]
         if not fact_ids:
-            raise OverlapError("this trace holds no fact with both statement ('FACT:s0') and question ('FACT:q0') documents")
+            raise AnalysisError("this trace holds no fact with both statement ('FACT:s0') and question ('FACT:q0') documents")
     rows = []
     for f in fact_ids:
         c = _core(view, f, part)
@@ -325,7 +317,7 @@ def core_sets(trace: Trace, fact_ids: Iterable[str] | None = None, *, layer: int
 def check_same_model(trace: Trace, run: Run) -> None:
     """Refuse a trace recorded with another model than the run's base model."""
     if trace.model_hash is None or trace.model_hash != run.base_model_hash:
-        raise ModelMismatchError(
+        raise AnalysisError(
             f"the trace was recorded with model {trace.model_hash}, but run {run.path} started from model "
             f"{run.base_model_hash}; record the trace with the run's base model (`smviz record --model ...`)")
 
@@ -347,7 +339,7 @@ def core_coverage(run: Run, trace: Trace, *, fact_ids: Iterable[str] | None = No
         fact_ids = list(fact_ids)
         unknown = [f for f in fact_ids if f not in trained]
         if unknown:
-            raise OverlapError(f"facts {unknown[:5]} were not trained (or selected nothing) in run {run.path}")
+            raise AnalysisError(f"facts {unknown[:5]} were not trained (or selected nothing) in run {run.path}")
     view = _TraceView(trace, layer)
     rows = []
     for f in fact_ids:
@@ -367,13 +359,13 @@ def cross_run(run_a: Run, run_b: Run, *, layer: int | None = None) -> pd.DataFra
     methods, two seeds, two t). Columns, per fact selected in both (in run_a's order): fact_id, n_a, n_b,
     intersection, jaccard, overlap (|A ∩ B| / min(|A|, |B|))."""
     if run_a.base_model_hash != run_b.base_model_hash:
-        raise ModelMismatchError(f"run {run_a.path} started from model {run_a.base_model_hash}, run {run_b.path} from "
+        raise AnalysisError(f"run {run_a.path} started from model {run_a.base_model_hash}, run {run_b.path} from "
                                  f"{run_b.base_model_hash}; slot ids of different models do not correspond")
     a = selected_sets(run_a, by="fact", layer=layer)
     b = selected_sets(run_b, by="fact", layer=layer)
     common = [f for f in a if f in b]
     if not common:
-        raise OverlapError(f"runs {run_a.path} and {run_b.path} have no fact in common")
+        raise AnalysisError(f"runs {run_a.path} and {run_b.path} have no fact in common")
     n_a = np.array([len(a[f]) for f in common], dtype=np.int64)
     n_b = np.array([len(b[f]) for f in common], dtype=np.int64)
     inter = np.array([len(np.intersect1d(a[f], b[f], assume_unique=True)) for f in common], dtype=np.int64)

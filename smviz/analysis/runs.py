@@ -1,45 +1,30 @@
-"""Reading a finetuning run directory (smviz.train.finetune) for analysis: its config, metrics and
-per-step selections as DataFrames, and the memory at any step rebuilt from the base model and the
-run's deltas."""
+"""Reading a finetuning run directory for analysis: its config, metrics and per-step selections as
+DataFrames, and the memory at any step rebuilt from the base model and the run's deltas. Every file is
+read through `smviz.train.rundir.FinetuneRunDir`, the owner of the format; errors are RunError."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
-import safetensors.torch
 import torch
 
-from smviz.errors import SmvizError
+from smviz.errors import RunError
 from smviz.model import MemoryModel
-from smviz.train.finetune import RUN_FORMAT
-
-
-class RunError(SmvizError):
-    """A run directory is missing, incomplete, or does not belong to the model it is used with."""
+from smviz.train.rundir import FinetuneRunDir
 
 
 class Run:
     """A finetuning run directory, read-only. Tables load on first use."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        config = self.path / "config.json"
-        if not config.is_file():
-            raise RunError(f"{self.path} is not a finetuning run (no config.json); make one with `smviz finetune`")
-        try:
-            self.identity: dict[str, Any] = json.loads(config.read_text())
-        except json.JSONDecodeError as e:
-            raise RunError(f"{config} is unreadable ({e})") from None
-        if self.identity.get("format") != RUN_FORMAT:
-            raise RunError(f"{config} has format {self.identity.get('format')!r}, expected {RUN_FORMAT!r}")
-        summary = self.path / "summary.json"
-        self.summary: dict[str, Any] | None = json.loads(summary.read_text()) if summary.is_file() else None
+        self.dir = FinetuneRunDir(path)
+        self.path = self.dir.path
+        self.identity: dict[str, Any] = self.dir.read_identity()
+        self.summary: dict[str, Any] | None = self.dir.summary()
         self._steps: pd.DataFrame | None = None
 
     def __repr__(self) -> str:
@@ -64,22 +49,27 @@ class Run:
         return None if self.summary is None else self.summary["model_hash"]
 
     @property
+    def model_dir(self) -> Path:
+        """The finished run's model directory (`<run>/model`)."""
+        return self.dir.model_dir
+
+    @property
+    def has_deltas(self) -> bool:
+        """The run wrote per-step deltas (value-row methods)."""
+        return self.dir.has_deltas()
+
+    @property
     def metrics(self) -> pd.DataFrame:
         """One row per evaluation (metrics.jsonl): step, facts_seen, learn_em, learn_f1, stream_em,
         stream_f1, known_em, known_f1, heldout_nll."""
-        path = self.path / "metrics.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-        return pd.DataFrame(rows)
+        return pd.DataFrame(self.dir.metrics())
 
     @property
     def steps(self) -> pd.DataFrame:
         """One row per step and memory layer (steps.parquet): step, fact_id, fact_index, loss, layer,
         accessed, grad_norm, selected, tf, df, score (the last four are arrays, best first)."""
         if self._steps is None:
-            path = self.path / "steps.parquet"
-            if not path.is_file():
-                raise RunError(f"{self.path} has no steps.parquet yet (the run has not reached its first evaluation)")
-            self._steps = pq.read_table(path).to_pandas()
+            self._steps = self.dir.steps_table().to_pandas()
         return self._steps
 
     @property
@@ -107,13 +97,8 @@ class Run:
             raise RunError(f"run {self.path} started from model {self.base_model_hash}, not {model.model_hash}")
 
     def delta(self, step: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """{layer: (rows, values after the step)} of a sparse run's step (1-based)."""
-        path = self.path / "deltas" / f"step-{step:06d}.safetensors"
-        if not path.is_file():
-            raise RunError(f"{path} does not exist: the run has no deltas for step {step} (sparse methods write one per step)")
-        saved = safetensors.torch.load_file(path)
-        layers = sorted({int(k.split(".")[1]) for k in saved})
-        return {layer: (saved[f"rows.{layer}"], saved[f"values.{layer}"]) for layer in layers}
+        """{layer: (rows, values after the step)} of a value-row run's step (1-based)."""
+        return self.dir.delta(step)
 
     @torch.no_grad()
     def rebuild(self, model: MemoryModel, step: int) -> MemoryModel:

@@ -1,7 +1,7 @@
 """TF-IDF views of slots: for any set of reads (a batch, a fact, a run step, a trace subset), every
 read slot's count, tf, background df and idf, score, rank and whether it was selected — computed with
-exactly the arithmetic of `smviz.stats.tfidf` / `top_slots` and sparse finetuning's `RowSelector`, so
-the ranks here are the ranks training used — optionally against a second background.
+exactly the arithmetic of `smviz.stats.tfidf` and ranked by `smviz.stats.rank`, as sparse finetuning's
+tf-idf rule ranks, so the ranks here are the ranks training used — optionally against a second background.
 
 Where the counts come from: `batch_slot_counts` (one forward of a model, padding excluded),
 `trace_slot_counts` (rows or documents of a trace), `step_slot_counts` (a run step's batch rebuilt
@@ -18,8 +18,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from smviz.errors import SmvizError
-from smviz.stats import SlotStats, idf, tfidf
+from smviz.errors import AnalysisError
+from smviz.stats import SlotStats, idf, rank, tfidf
 
 if TYPE_CHECKING:
     from smviz.analysis.runs import Run
@@ -32,35 +32,25 @@ OTHER_COLUMNS = ("df_other", "idf_other", "score_other", "rank_other")
 STEP_COLUMNS = ("step", "fact_id", "layer", "rank", "slot", "tf", "df", "score", "selected")
 
 
-class TfidfError(SmvizError):
-    """Bad input to a TF-IDF view: counts of the wrong shape, no reads, an unknown layer or document."""
-
-
 # --------------------------------------------------------------------------- the table
 
 
 def _counts_tensor(counts: Any, n_slots: int) -> torch.Tensor:
     c = counts.detach().cpu() if isinstance(counts, torch.Tensor) else torch.as_tensor(np.asarray(counts))
     if c.dim() != 1 or c.shape[0] != n_slots:
-        raise TfidfError(f"counts must be a vector of length {n_slots} (one per slot), got shape {tuple(c.shape)}")
+        raise AnalysisError(f"counts must be a vector of length {n_slots} (one per slot), got shape {tuple(c.shape)}")
     if c.dtype.is_floating_point or c.dtype == torch.bool:
-        raise TfidfError(f"counts must be integers (reads per slot), got {c.dtype}")
+        raise AnalysisError(f"counts must be integers (reads per slot), got {c.dtype}")
     c = c.to(torch.int64)
     if bool((c < 0).any()):
-        raise TfidfError("counts must be >= 0")
+        raise AnalysisError("counts must be >= 0")
     return c
 
 
 def _check_layer(stats: SlotStats, layer: int, what: str) -> int:
     if layer not in stats.layers:
-        raise TfidfError(f"layer {layer} is not in the {what} statistics (layers {list(stats.layers)})")
+        raise AnalysisError(f"layer {layer} is not in the {what} statistics (layers {list(stats.layers)})")
     return stats.layer_index(layer)
-
-
-def _ranked(scores: torch.Tensor, read: torch.Tensor) -> torch.Tensor:
-    """Positions into `read` (ascending slot ids) by score descending, ties to the lower slot id —
-    the order of `top_slots` and `RowSelector`."""
-    return torch.sort(scores[read], descending=True, stable=True).indices
 
 
 def tfidf_table(
@@ -82,21 +72,21 @@ def tfidf_table(
     Columns (one row per read slot, sorted by rank):
     slot (int64), count (int64 reads), tf (float64 count / Σ counts), df (int64 background document
     frequency), idf (float64 log((|B|+1)/(df+1))), score (float64 tf·idf, bit-identical to
-    `smviz.stats.tfidf` and `RowSelector`), rank (int64, 1 = best; score descending, ties to the lower
-    slot id, as `top_slots`), selected (bool); with `other`: df_other, idf_other, score_other,
+    `smviz.stats.tfidf` and the tf-idf selection rule), rank (int64, 1 = best; `smviz.stats.rank`: score
+    descending, ties to the lower slot id), selected (bool); with `other`: df_other, idf_other, score_other,
     rank_other (the same against `other`)."""
     if top_t is not None and selected is not None:
-        raise TfidfError("give top_t or selected, not both")
+        raise AnalysisError("give top_t or selected, not both")
     if top_t is not None and top_t < 0:
-        raise TfidfError(f"top_t must be >= 0, got {top_t}")
+        raise AnalysisError(f"top_t must be >= 0, got {top_t}")
     c = _counts_tensor(counts, stats.n_slots)
     row = _check_layer(stats, layer, "background")
     read = torch.nonzero(c > 0).flatten()  # ascending ids
     if len(read) == 0:
-        raise TfidfError("the counts hold no reads; nothing to rank")
+        raise AnalysisError("the counts hold no reads; nothing to rank")
     df = stats.df[row]
     scores = tfidf(c, df, stats.n_docs)
-    slots = read[_ranked(scores, read)]
+    slots = read[rank(scores[read])]
     total = c.sum()
     n = len(slots)
     out = pd.DataFrame({
@@ -117,11 +107,11 @@ def tfidf_table(
         out["selected"] = False
     if other is not None:
         if other.n_slots != stats.n_slots:
-            raise TfidfError(f"the other background has {other.n_slots} slots, this one {stats.n_slots}")
+            raise AnalysisError(f"the other background has {other.n_slots} slots, this one {stats.n_slots}")
         df2 = other.df[_check_layer(other, layer, "other background")]
         scores2 = tfidf(c, df2, other.n_docs)
         rank2 = torch.empty(stats.n_slots, dtype=torch.int64)
-        rank2[read[_ranked(scores2, read)]] = torch.arange(1, n + 1)
+        rank2[read[rank(scores2[read])]] = torch.arange(1, n + 1)
         out["df_other"] = df2[slots].numpy()
         out["idf_other"] = idf(df2[slots], other.n_docs).numpy()
         out["score_other"] = scores2[slots].numpy()
@@ -142,10 +132,10 @@ def batch_slot_counts(model: MemoryModel, batch: Mapping[str, torch.Tensor], lay
     layers = list(model.memory_layers)
     if layer is None:
         if len(layers) != 1:
-            raise TfidfError(f"the model has memory layers {layers}; say which one (layer=...)")
+            raise AnalysisError(f"the model has memory layers {layers}; say which one (layer=...)")
         layer = layers[0]
     if layer not in layers:
-        raise TfidfError(f"layer {layer} is not a memory layer of the model ({layers})")
+        raise AnalysisError(f"layer {layer} is not a memory layer of the model ({layers})")
     n_slots = model.memory_config.n_slots
     inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
     was_training = model.training
@@ -165,14 +155,14 @@ def trace_rows(trace: Trace, doc_ids: Iterable[str]) -> np.ndarray:
     """Token rows (int64, ascending) of the documents `doc_ids` of `trace`; unknown ids are refused."""
     wanted = list(dict.fromkeys(str(d) for d in doc_ids))
     if not wanted:
-        raise TfidfError("no document ids given")
+        raise AnalysisError("no document ids given")
     tokens = trace.tokens
     ids = tokens.column("doc_id")
     mask = pc.is_in(ids, value_set=pa.array(wanted, pa.string()))
     found = set(pc.unique(ids.filter(mask)).to_pylist())
     missing = [d for d in wanted if d not in found]
     if missing:
-        raise TfidfError(f"document ids {missing[:5]} are not in this trace")
+        raise AnalysisError(f"document ids {missing[:5]} are not in this trace")
     return np.sort(tokens.column("row").filter(mask).to_numpy().astype(np.int64))
 
 
@@ -183,13 +173,13 @@ def trace_slot_counts(
     token rows `rows`, or by the tokens of documents `doc_ids` (e.g. ['F1:s0', 'F1:s1']), or by the whole
     trace when neither is given."""
     if rows is not None and doc_ids is not None:
-        raise TfidfError("give rows or doc_ids, not both")
+        raise AnalysisError("give rows or doc_ids, not both")
     layer = _trace_layer(trace, layer)
     keep = trace_rows(trace, doc_ids) if doc_ids is not None else None
     if rows is not None:
         keep = np.unique(np.asarray(list(rows), dtype=np.int64))
         if len(keep) and (keep[0] < 0 or keep[-1] >= trace.n_tokens):
-            raise TfidfError(f"token rows must lie in [0, {trace.n_tokens}), got {keep[0]}..{keep[-1]}")
+            raise AnalysisError(f"token rows must lie in [0, {trace.n_tokens}), got {keep[0]}..{keep[-1]}")
     counts = np.zeros(trace.n_slots, dtype=np.int64)
     for accesses in trace.iter_table("accesses"):
         lay = accesses.column("layer").to_numpy()
@@ -204,20 +194,20 @@ def trace_slot_counts(
 def _trace_layer(trace: Trace, layer: int | None) -> int:
     if layer is None:
         if len(trace.layers) != 1:
-            raise TfidfError(f"this trace holds layers {trace.layers}; say which one (layer=...)")
+            raise AnalysisError(f"this trace holds layers {trace.layers}; say which one (layer=...)")
         return int(trace.layers[0])
     if layer not in trace.layers:
-        raise TfidfError(f"layer {layer} was not recorded; this trace holds layers {trace.layers}")
+        raise AnalysisError(f"layer {layer} was not recorded; this trace holds layers {trace.layers}")
     return int(layer)
 
 
 def _step_rows(run: Run, step: int, layer: int | None) -> pd.DataFrame:
     steps = run.steps
     if layer is not None and layer not in run.layers:
-        raise TfidfError(f"layer {layer} is not a memory layer of run {run.path} ({run.layers})")
+        raise AnalysisError(f"layer {layer} is not a memory layer of run {run.path} ({run.layers})")
     rows = steps[steps["step"] == step]
     if rows.empty:
-        raise TfidfError(f"run {run.path} has no step {step} (steps are 1-based: {int(steps['step'].min())}..{int(steps['step'].max())})")
+        raise AnalysisError(f"run {run.path} has no step {step} (steps are 1-based: {int(steps['step'].min())}..{int(steps['step'].max())})")
     if layer is not None:
         rows = rows[rows["layer"] == layer]
     return rows
@@ -239,7 +229,7 @@ def step_table(run: Run, step: int, layer: int | None = None) -> pd.DataFrame:
             "score": np.asarray(r.score, dtype=np.float64), "selected": True,
         }))
     if not parts or not sum(len(p) for p in parts):
-        raise TfidfError(f"step {step} of run {run.path} selected no slots ({run.method} selects none)")
+        raise AnalysisError(f"step {step} of run {run.path} selected no slots ({run.method} selects none)")
     return pd.concat(parts, ignore_index=True)[list(STEP_COLUMNS)]
 
 
@@ -253,15 +243,15 @@ def step_slot_counts(run: Run, step: int, model: MemoryModel, facts: Sequence[Fa
 
     run.check_model(model)
     if model.tokenizer is None:
-        raise TfidfError("the model has no tokenizer; load it with MemoryModel.from_pretrained")
+        raise AnalysisError("the model has no tokenizer; load it with MemoryModel.from_pretrained")
     n_steps = int(run.steps["step"].max())
     if not 1 <= step <= n_steps:
-        raise TfidfError(f"run {run.path} has steps 1..{n_steps}, not {step}")
+        raise AnalysisError(f"run {run.path} has steps 1..{n_steps}, not {step}")
     by_id = {f.id: f for f in facts}
     ids = run.identity["stream"]["facts"]
     missing = [i for i in ids if i not in by_id]
     if missing:
-        raise TfidfError(f"facts {missing[:5]} of run {run.path}'s stream were not given")
+        raise AnalysisError(f"facts {missing[:5]} of run {run.path}'s stream were not given")
     cfg = run.config
     stream = FactStream([by_id[i] for i in ids], model.tokenizer, batch_size=cfg["batch_size"],
                         steps_per_fact=cfg["steps_per_fact"], composition=cfg["composition"], seed=cfg["seed"])

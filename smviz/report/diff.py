@@ -16,17 +16,16 @@ import numpy as np
 import pandas as pd
 
 from smviz.analysis import (
-    Run, access_shift, align_tokens, allowed_rows, diff_models, entity_spans, fact_shift, jaccard_matrix,
-    load_pipeline, slot_entity_profile,
+    Run, align_tokens, check_comparable, check_run_model, diff_models, entity_spans, fact_shift, jaccard_matrix, load_pipeline,
+    question_access_shift, run_diff, slot_entity_profile,
 )
-from smviz.analysis.diff import check_comparable
-from smviz.data.facts import qa_prompt, read_facts
+from smviz.data.facts import read_facts
+from smviz.errors import InputError, ModelFileError, SmvizError
 from smviz.evaluate import SCORING_PROTOCOL, answer_questions, heldout_nll, qa_metrics
 from smviz.model import MemoryModel
 from smviz.record import Document, record_texts
-from smviz.report._util import REPORT_FORMAT, ReportError, number, records, rel_drop
-from smviz.train.finetune import LORA_TARGETS
-from smviz.train.sparse import SELECTIONS
+from smviz.report.common import REPORT_FORMAT, number, records, rel_drop
+from smviz.train.methods import VALUE_ROWS, get_method
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +34,31 @@ HELDOUT_ROWS, HELDOUT_SEQ_LEN = 64, 128
 
 def _load(path: str | os.PathLike, what: str) -> MemoryModel:
     if not Path(path).is_dir():
-        raise ReportError(f"{what} model directory {path} does not exist; pass a model directory written by smviz")
+        raise InputError(f"{what} model directory {path} does not exist; pass a model directory written by smviz")
     return MemoryModel.from_pretrained(path)
 
 
-def _find_run(after_dir: Path, run_dir: str | os.PathLike | None, before: MemoryModel) -> Run | None:
-    """The finetuning run that wrote `after` (given, or `after`'s parent when it is a run of `before`)."""
+def _find_run(after_dir: Path, run_dir: str | os.PathLike | None, before: MemoryModel, after: MemoryModel) -> Run | None:
+    """The finetuning run that wrote `after`: `run_dir` when given (checked: its base model must be
+    `before` and its final model `after`, by hash), else the run whose final model directory `after_dir`
+    is, when that run started from `before` and ended with `after`."""
     if run_dir is not None:
         run = Run(run_dir)
-        run.check_model(before)
+        check_run_model(run, before, after)
         return run
-    parent = after_dir.resolve().parent
-    if (parent / "config.json").is_file() and after_dir.resolve().name == "model":
-        try:
-            run = Run(parent)
-        except Exception:  # not a run directory after all
-            return None
-        return run if run.base_model_hash == before.model_hash else None
+    for run in _runs_owning(after_dir):
+        if run.base_model_hash == before.model_hash and run.model_hash == after.model_hash:
+            return run
     return None
+
+
+def _runs_owning(model_dir: Path) -> list[Run]:
+    parent = model_dir.resolve().parent
+    try:
+        run = Run(parent)
+    except SmvizError:  # not a run directory
+        return []
+    return [run] if run.model_dir.resolve() == model_dir.resolve() else []
 
 
 def build_diff_report(
@@ -64,10 +70,10 @@ def build_diff_report(
     before any heavy work; writes nothing except a temporary trace that is removed."""
     facts = read_facts(facts_path)
     if not facts:
-        raise ReportError(f"{facts_path} holds no facts; a diff report needs at least one new fact")
+        raise InputError(f"{facts_path} holds no facts; a diff report needs at least one new fact")
     known = read_facts(known_path)
     if not known:
-        raise ReportError(f"{known_path} holds no facts; forgetting is measured on known facts")
+        raise InputError(f"{known_path} holds no facts; forgetting is measured on known facts")
     articles = None
     if heldout_path is not None:
         from smviz.data.corpus import read_corpus
@@ -75,8 +81,8 @@ def build_diff_report(
     before, after = _load(before_dir, "--before"), _load(after_dir, "--after")
     check_comparable(before, after)
     if before.tokenizer is None:
-        raise ReportError(f"{before_dir} holds no tokenizer; a diff report asks questions")
-    run = _find_run(Path(after_dir), run_dir, before)
+        raise ModelFileError(f"{before_dir} holds no tokenizer; a diff report asks questions")
+    run = _find_run(Path(after_dir), run_dir, before, after)
     hashes = {"before": before.model_hash, "after": after.model_hash}
     tag = f"models {hashes['before']} → {hashes['after']}"
 
@@ -104,7 +110,7 @@ def build_diff_report(
         from smviz.data.tokenizer import pack_documents
         token_rows = pack_documents(before.tokenizer, [a.text for a in articles], HELDOUT_SEQ_LEN)[:HELDOUT_ROWS]
         if len(token_rows) == 0:
-            raise ReportError(f"{heldout_path} holds too little text for one row of {HELDOUT_SEQ_LEN} tokens")
+            raise InputError(f"{heldout_path} holds too little text for one row of {HELDOUT_SEQ_LEN} tokens")
         nb, na = heldout_nll(before, token_rows), heldout_nll(after, token_rows)
         metrics.append({"metric": "heldout_nll", "before": number(nb["nll"]), "after": number(na["nll"]),
                         "change": number(na["nll"] - nb["nll"]), "relative_drop": number(rel_drop(nb["nll"], na["nll"]))})
@@ -118,12 +124,10 @@ def build_diff_report(
     }
 
     # ---- memory changes and the frozen-parameter audit
-    if run is not None and run.method in SELECTIONS:
-        diff = diff_models(before, after, allowed=allowed_rows(run), method=run.method)
-        allowed_desc = f"the value rows run {run.path.name} ({run.method}) selected in any step"
-    elif run is not None:
-        diff = diff_models(before, after, method=run.method, lora_targets=run.config.get("lora_targets", LORA_TARGETS))
-        allowed_desc = f"what method {run.method} of run {run.path.name} may change"
+    if run is not None:
+        diff = run_diff(run, before, after)
+        allowed_desc = (f"the value rows run {run.path.name} ({run.method}) selected in any step"
+                        if get_method(run.method).trains == VALUE_ROWS else f"what method {run.method} of run {run.path.name} may change")
     else:
         diff = diff_models(before, after)
         allowed_desc = "nothing (no finetuning run known for --after: every change counts as a violation)"
@@ -210,12 +214,12 @@ def build_diff_report(
     }
 
     # ---- access shift on the facts' questions
-    probe = [qa_prompt(q.text) for f in facts for q in f.heldout_questions] or [qa_prompt(q.text) for f in facts for q in f.questions]
-    ash = access_shift(before, after, probe)
+    ash = question_access_shift(before, after, facts)
+    probe_size = ash.attrs["probe_size"]
     report["access_shift"] = {
-        "protocol": (f"{tag}. Probe: the facts' held-out questions as qa_prompt text ({len(probe)} prompts); per token and "
+        "protocol": (f"{tag}. Probe: the facts' held-out questions as qa_prompt text ({probe_size} prompts); per token and "
                      "memory layer the Jaccard of the slot sets read before vs after (smviz.analysis.access_shift)."),
-        "probe_size": len(probe),
+        "probe_size": probe_size,
         "per_layer": [{"layer": int(layer), "tokens": int(len(g)), "mean_jaccard": number(g["jaccard"].mean()),
                        "unchanged_share": number((g["jaccard"] == 1).mean())} for layer, g in ash.groupby("layer")],
         "jaccard": [number(x) for x in ash["jaccard"]],

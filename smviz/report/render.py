@@ -7,7 +7,6 @@ import html
 import json
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 

@@ -5,11 +5,11 @@ training results — as one JSON-able dict; several runs side by side (one learn
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from smviz.analysis import Run, churn, slot_reuse
-from smviz.report._util import REPORT_FORMAT, ReportError, number, records
+from smviz.errors import InputError, RunError
+from smviz.report.common import REPORT_FORMAT, number, records
 
 
 def _label(run: Run, seen: set[str]) -> str:
@@ -23,11 +23,11 @@ def _label(run: Run, seen: set[str]) -> str:
 def build_run_report(run_dirs: list[str | os.PathLike]) -> dict[str, Any]:
     """Every number of a run report. Refuses missing or unfinished runs before reading anything else."""
     if not run_dirs:
-        raise ReportError("give at least one run directory")
+        raise InputError("give at least one run directory")
     runs = [Run(d) for d in run_dirs]
     for run in runs:
         if run.summary is None:
-            raise ReportError(f"run {run.path} is unfinished (no summary.json); finish it with `smviz finetune` first")
+            raise RunError(f"run {run.path} is unfinished (no summary.json); finish it with `smviz finetune` first")
     seen: set[str] = set()
     out: dict[str, Any] = {"format": REPORT_FORMAT, "kind": "run", "runs": []}
     bases = sorted({r.base_model_hash for r in runs})

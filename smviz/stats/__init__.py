@@ -1,8 +1,9 @@
 """Background slot statistics and TF-IDF ranking: `SlotStats` (per-slot access counts and document
 frequency of every memory layer over a background corpus, mergeable, stored beside the model's
 weights), the counting that fills it (`batch_counts`, `StatsCollector`, `collect_stats`,
-`background_stats` — resumable, and distributed under torchrun), and the paper's score of a batch's
-slots against it (`tfidf`, `top_slots`).
+`background_stats` — resumable, and distributed under torchrun), THE ranking (`rank`: score descending,
+ties to the lower slot id) and the paper's score of a batch's slots against the statistics (`idf`,
+`tfidf`, `top_slots`). Errors are `smviz.errors.StatsError`.
 
 File format (`slot_stats.safetensors`, tag `smviz-slot-stats/1`): tensors `counts` and `df`, (L, N)
 int64, row l = memory block `layers[l]`; metadata strings `format`, `layers` (JSON list), `n_slots`,
@@ -33,13 +34,14 @@ from smviz.stats.slot_stats import (
     SlotStats,
     SlotStatsError,
     format_usage,
+    idf,
     merge_protocols,
 )
-from smviz.stats.tfidf import idf, tfidf, top_slots
+from smviz.stats.tfidf import rank, tfidf, top_slots
 
 __all__ = [
     "BACKGROUND_STEP_OFFSET", "DEFAULT_BACKGROUND_BATCHES", "FORMAT", "PARTIAL_FORMAT", "STATS_FILE", "UNITS",
     "SlotStats", "SlotStatsError", "StatsCollector", "background_stats", "batch_counts", "collect_stats",
     "distributed_from_env", "document_counts", "idf", "format_usage", "forward_documents", "merge_protocols",
-    "partial_path", "tfidf", "top_slots",
+    "partial_path", "rank", "tfidf", "top_slots",
 ]

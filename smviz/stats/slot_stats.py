@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import safetensors.torch
 import torch
 
-from smviz.errors import SmvizError
+from smviz.errors import StatsError
 from smviz.io import write_bytes_atomic
 from smviz.usage import usage_metrics
 
@@ -29,13 +29,19 @@ STATS_FILE = "slot_stats.safetensors"
 UNITS = ("batch", "sequence")
 
 
-class SlotStatsError(SmvizError):
-    """Slot statistics that are damaged, belong to another model, or cannot be combined."""
+# The former module-local class: counting.py, background.py and demo.py (other owners) still name it.
+SlotStatsError = StatsError
 
 
 def check_unit(unit: str) -> None:
     if unit not in UNITS:
-        raise SlotStatsError(f"unknown document unit {unit!r}; choose one of {list(UNITS)}")
+        raise StatsError(f"unknown document unit {unit!r}; choose one of {list(UNITS)}")
+
+
+def idf(df: torch.Tensor, n_docs: int, *, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The paper's inverse document frequency log((|B| + 1) / (df(i) + 1)), |B| = n_docs: the one IDF
+    formula of smviz (`SlotStats.idf`, `smviz.stats.tfidf` and selection rules call it)."""
+    return torch.log((n_docs + 1) / (df.to(dtype) + 1))
 
 
 # --------------------------------------------------------------------------- protocols
@@ -103,24 +109,24 @@ class SlotStats:
         check_unit(self.unit)
         self.layers = tuple(int(i) for i in self.layers)
         if not self.layers or list(self.layers) != sorted(set(self.layers)):
-            raise SlotStatsError(f"layers must be distinct block indices in increasing order, got {list(self.layers)}")
+            raise StatsError(f"layers must be distinct block indices in increasing order, got {list(self.layers)}")
         if int(self.n_slots) < 1:
-            raise SlotStatsError(f"n_slots must be >= 1, got {self.n_slots}")
+            raise StatsError(f"n_slots must be >= 1, got {self.n_slots}")
         self.n_slots = int(self.n_slots)
         shape = (len(self.layers), self.n_slots)
         for name in ("counts", "df"):
             t = getattr(self, name)
             if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or tuple(t.shape) != shape:
                 got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-                raise SlotStatsError(f"{name} must be an int64 tensor of shape {shape} (layers × slots), got {got}")
+                raise StatsError(f"{name} must be an int64 tensor of shape {shape} (layers × slots), got {got}")
             setattr(self, name, t.cpu())
         self.n_docs, self.n_tokens = int(self.n_docs), int(self.n_tokens)
         if self.n_docs < 0 or self.n_tokens < 0:
-            raise SlotStatsError("n_docs and n_tokens must be >= 0")
+            raise StatsError("n_docs and n_tokens must be >= 0")
         try:
             json.dumps(self.protocol)
         except (TypeError, ValueError) as e:
-            raise SlotStatsError(f"protocol must be JSON-able: {e}") from None
+            raise StatsError(f"protocol must be JSON-able: {e}") from None
 
     @classmethod
     def empty(cls, model: MemoryModel, unit: str = "batch", protocol: Mapping[str, Any] | None = None) -> SlotStats:
@@ -135,14 +141,13 @@ class SlotStats:
         try:
             return self.layers.index(layer)
         except ValueError:
-            raise SlotStatsError(
+            raise StatsError(
                 f"block {layer} is not a memory layer of these statistics; memory layers: {list(self.layers)}"
             ) from None
 
     def idf(self, layer: int) -> torch.Tensor:
-        """float64 log((n_docs + 1) / (df + 1)) of block `layer`'s slots."""
-        df = self.df[self.layer_index(layer)].double()
-        return torch.log((self.n_docs + 1) / (df + 1))
+        """float64 `idf` of block `layer`'s slots."""
+        return idf(self.df[self.layer_index(layer)], self.n_docs)
 
     def usage(self, layer: int | None = None) -> dict[str, float] | dict[int, dict[str, float]]:
         """`usage_metrics` of the counts (share used, dead slots, KL from uniform, Gini, slots_50/90/99)
@@ -157,7 +162,7 @@ class SlotStats:
         for name in ("layers", "n_slots", "unit", "model_hash"):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
-                raise SlotStatsError(
+                raise StatsError(
                     f"cannot merge slot statistics with different {name} ({mine!r} vs {theirs!r}): "
                     "only statistics of the same model, memory layers and document unit add up"
                 )
@@ -205,23 +210,26 @@ class SlotStats:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replace every field by those of `state` (as `state_dict` returns), validated."""
         if state.get("format") != FORMAT:
-            raise SlotStatsError(f"not a slot-statistics state (format {state.get('format')!r}, expected {FORMAT!r})")
+            raise StatsError(f"not a slot-statistics state (format {state.get('format')!r}, expected {FORMAT!r})")
         try:
             new = SlotStats(
                 tuple(state["layers"]), state["n_slots"], state["unit"], state["counts"].clone(), state["df"].clone(),
                 state["n_docs"], state["n_tokens"], state["model_hash"], json.loads(json.dumps(state["protocol"])),
             )
         except (KeyError, AttributeError, TypeError) as e:
-            raise SlotStatsError(f"incomplete slot-statistics state: {e!r}") from None
+            raise StatsError(f"incomplete slot-statistics state: {e!r}") from None
         self.__dict__.update(new.__dict__)
 
     def to_bytes(self, fmt: str = FORMAT, extra: Mapping[str, str] | None = None) -> bytes:
+        """The safetensors file of these statistics (format tag `fmt`, plus `extra` metadata strings).
+        Identical statistics give identical bytes: the header is written with sorted keys."""
         metadata = {
             "format": fmt, "layers": json.dumps(list(self.layers)), "n_slots": str(self.n_slots), "unit": self.unit,
             "n_docs": str(self.n_docs), "n_tokens": str(self.n_tokens), "model_hash": json.dumps(self.model_hash),
             "protocol": json.dumps(self.protocol, sort_keys=True),
         } | dict(extra or {})
-        return safetensors.torch.save({"counts": self.counts.contiguous(), "df": self.df.contiguous()}, metadata=metadata)
+        data = safetensors.torch.save({"counts": self.counts.contiguous(), "df": self.df.contiguous()}, metadata=metadata)
+        return _sorted_header(data)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the statistics to `path` (safetensors, atomically)."""
@@ -242,33 +250,33 @@ class SlotStats:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise SlotStatsError(f"{path} does not exist; compute it with `smviz stats --model MODEL_DIR`") from None
+            raise StatsError(f"{path} does not exist; compute it with `smviz stats --model MODEL_DIR`") from None
         except OSError as e:
-            raise SlotStatsError(f"cannot read {path}: {e}") from None
+            raise StatsError(f"cannot read {path}: {e}") from None
         damaged = f"{path} is damaged or not a safetensors file; recompute it with `smviz stats`"
         metadata = _safetensors_metadata(data, damaged)
         if metadata.get("format") != fmt:
             if metadata.get("format") == PARTIAL_FORMAT:
-                raise SlotStatsError(f"{path} holds the partial state of an interrupted run; rerun `smviz stats` to finish it")
-            raise SlotStatsError(
+                raise StatsError(f"{path} holds the partial state of an interrupted run; rerun `smviz stats` to finish it")
+            raise StatsError(
                 f"{path} is not an smviz slot-statistics file (format {metadata.get('format')!r}, expected {fmt!r})"
             )
         try:
             tensors = safetensors.torch.load(data)
         except Exception as e:  # safetensors raises its own error types for malformed files
-            raise SlotStatsError(f"{damaged} ({e})") from None
+            raise StatsError(f"{damaged} ({e})") from None
         if set(tensors) != {"counts", "df"}:
-            raise SlotStatsError(f"{path} holds tensors {sorted(tensors)}, expected ['counts', 'df']")
+            raise StatsError(f"{path} holds tensors {sorted(tensors)}, expected ['counts', 'df']")
         try:
             stats = cls(
                 tuple(json.loads(metadata["layers"])), int(metadata["n_slots"]), metadata["unit"], tensors["counts"],
                 tensors["df"], int(metadata["n_docs"]), int(metadata["n_tokens"]), json.loads(metadata["model_hash"]),
                 json.loads(metadata["protocol"]),
             )
-        except SlotStatsError as e:
-            raise SlotStatsError(f"{path}: {e}") from None
+        except StatsError as e:
+            raise StatsError(f"{path}: {e}") from None
         except (KeyError, ValueError, TypeError) as e:
-            raise SlotStatsError(f"{path} has missing or malformed metadata ({e!r}); recompute it with `smviz stats`") from None
+            raise StatsError(f"{path} has missing or malformed metadata ({e!r}); recompute it with `smviz stats`") from None
         stats._check_consistent(path)
         return stats, metadata
 
@@ -279,20 +287,20 @@ class SlotStats:
             and torch.equal(self.counts > 0, self.df > 0)
         )
         if not ok:
-            raise SlotStatsError(f"{path} holds inconsistent counts and document frequencies; recompute it with `smviz stats`")
+            raise StatsError(f"{path} holds inconsistent counts and document frequencies; recompute it with `smviz stats`")
 
     def check_model(self, model: MemoryModel) -> None:
-        """SlotStatsError unless these statistics were computed with `model` (hash, layers, slots)."""
+        """StatsError unless these statistics were computed with `model` (hash, layers, slots)."""
         self._check_target(model.model_hash, tuple(sorted(model.memory_layers)), model.memory_config.n_slots, "this model")
 
     def _check_target(self, model_hash: str | None, layers: tuple[int, ...], n_slots: int, what: str) -> None:
         if self.model_hash != model_hash:
-            raise SlotStatsError(
+            raise StatsError(
                 f"slot statistics were computed with model {self.model_hash} but {what} is model {model_hash}; "
                 "recompute them with `smviz stats --model MODEL_DIR`"
             )
         if self.layers != layers or self.n_slots != n_slots:
-            raise SlotStatsError(
+            raise StatsError(
                 f"slot statistics cover memory blocks {list(self.layers)} of {self.n_slots} slots but {what} has "
                 f"blocks {list(layers)} of {n_slots} slots; recompute them with `smviz stats`"
             )
@@ -312,7 +320,7 @@ class SlotStats:
         model_dir = Path(model_dir)
         path = model_dir / STATS_FILE
         if not path.is_file():
-            raise SlotStatsError(f"{model_dir} holds no background slot statistics; run `smviz stats --model {model_dir}`")
+            raise StatsError(f"{model_dir} holds no background slot statistics; run `smviz stats --model {model_dir}`")
         stats = cls.load(path)
         if model is not None:
             stats.check_model(model)
@@ -331,20 +339,29 @@ def _model_dir_facts(model_dir: Path) -> tuple[str, tuple[int, ...], int]:
     return model_hash, tuple(sorted(memory.layers)), memory.n_slots
 
 
+def _sorted_header(data: bytes) -> bytes:
+    """A safetensors buffer with its JSON header rewritten in sorted key order (safetensors writes the
+    metadata in a hash map's order, which varies from call to call); the tensor bytes are untouched."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    header += b" " * (-len(header) % 8)  # tensor data starts 8-byte aligned, as safetensors pads it
+    return len(header).to_bytes(8, "little") + header + data[8 + n :]
+
+
 def _safetensors_metadata(data: bytes, damaged: str) -> dict[str, str]:
     """The `__metadata__` of a safetensors buffer (8-byte little-endian header length, JSON header)."""
     if len(data) < 8:
-        raise SlotStatsError(f"{damaged} (only {len(data)} bytes)")
+        raise StatsError(f"{damaged} (only {len(data)} bytes)")
     n = int.from_bytes(data[:8], "little")
     if n > len(data) - 8:
-        raise SlotStatsError(f"{damaged} (truncated header)")
+        raise StatsError(f"{damaged} (truncated header)")
     try:
         header = json.loads(data[8 : 8 + n])
         metadata = header.get("__metadata__") or {}
     except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
-        raise SlotStatsError(f"{damaged} ({e})") from None
+        raise StatsError(f"{damaged} ({e})") from None
     if not isinstance(metadata, dict):
-        raise SlotStatsError(f"{damaged} (metadata is not an object)")
+        raise StatsError(f"{damaged} (metadata is not an object)")
     return metadata
 
 

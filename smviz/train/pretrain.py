@@ -2,9 +2,9 @@
 `PretrainConfig` (every knob, documented), `pretrain(...)` (the loop: AdamW, warmup + cosine, slot
 usage and periodic evaluation logged to metrics.jsonl, checkpoint and exact resume).
 
-Run directory (`Workspace.pretrain_run(name)`): config.json, metrics.jsonl, checkpoint/ (model
-directory + optimizer.safetensors + trainer.json). The finished model is saved to
-`Workspace.model(name)`. Everything is a function of the config and the step, so a run that is
+Run directory (`Workspace.pretrain_run(name)`, read and written by `smviz.train.rundir.PretrainRunDir`):
+config.json, metrics.jsonl, checkpoint/ (model directory + optimizer state). The finished model is
+saved to `Workspace.model(name)`. Everything is a function of the config and the step, so a run that is
 interrupted and resumed ends bit-identical to one that was not.
 
 Levers against memory collapse and for putting the facts into the memory (see memory-usage notes):
@@ -17,38 +17,27 @@ train at `dense_lr_mult` × lr (also without a dense phase; 0 freezes them, leav
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 from tqdm.auto import tqdm
 
-from smviz.errors import ConfigError, SmvizError
+from smviz.config import from_dict
+from smviz.errors import ConfigError
 from smviz.evaluate import memory_usage
-from smviz.io import replace_dir, write_text_atomic
 from smviz.model import MemoryModel, preset
 from smviz.train.data import PretrainStream
-from smviz.train.state import (
-    append_metrics,
-    flatten_optimizer,
-    load_optimizer,
-    truncate_metrics,
-)
+from smviz.train.rundir import PretrainRunDir
+from smviz.train.state import flatten_optimizer, load_optimizer
 from smviz.usage import UsageMonitor
 
 log = logging.getLogger(__name__)
-
-RUN_FORMAT = "smviz-pretrain/1"
-
 
 @dataclass
 class PretrainConfig:
@@ -84,6 +73,15 @@ class PretrainConfig:
         for name in ("seq_len", "batch_size", "steps", "world_copies"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"PretrainConfig.{name} must be >= 1")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "dense_lr_mult"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"PretrainConfig.{name} must be a finite number >= 0, got {value}")
+        if not self.lr > 0:
+            raise ConfigError(f"PretrainConfig.lr must be > 0, got {self.lr}")
+        for name in ("memory", "model"):
+            if not isinstance(getattr(self, name), dict):
+                raise ConfigError(f"PretrainConfig.{name} must be an object of overrides, got {getattr(self, name)!r}")
         if not (0 <= self.fact_share <= 1 and 0 <= self.dense_phase_fact_share <= 1):
             raise ConfigError("fact shares must lie in [0, 1]")
         if self.dense_phase_steps >= self.steps:
@@ -97,11 +95,17 @@ class PretrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown PretrainConfig fields {unknown}")
-        return cls(**d)
+        """A config from a dict (a run's config.json, a recipe, flags): every value checked against its
+        field's type, unknown keys ignored with a warning. `memory` and `model` are objects of overrides,
+        checked where they are used (MemoryConfig, the HF config)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"PretrainConfig must be a JSON object, got {type(d).__name__}")
+        overrides = {k: d[k] for k in ("memory", "model") if k in d}
+        for name, value in overrides.items():
+            if not isinstance(value, dict):
+                raise ConfigError(f"PretrainConfig.{name} must be an object of overrides, got {value!r}")
+        config = from_dict(cls, {k: v for k, v in d.items() if k not in overrides})
+        return dataclasses.replace(config, **overrides) if overrides else config
 
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -115,7 +119,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 def recipe(preset_name: str, **overrides: Any) -> PretrainConfig:
-    """The recommended PretrainConfig of a preset, with `overrides` (None values ignored)."""
+    """The pretraining recipe of a preset (`RECIPES`: tiny, the demo's model; micro, for CI and
+    `smviz demo --preset micro`) as a PretrainConfig, with `overrides` applied (None values ignored)."""
     if preset_name not in RECIPES:
         raise ConfigError(f"no pretraining recipe for preset {preset_name!r}; recipes exist for {sorted(RECIPES)}")
     return PretrainConfig.from_dict(RECIPES[preset_name] | {k: v for k, v in overrides.items() if v is not None})
@@ -174,24 +179,22 @@ def pretrain(
     metrics.jsonl. `usage_rows` are held-out rows for the periodic usage count. `stop_after` ends
     the call after that many steps of this call (with a checkpoint), as an interruption would.
     """
-    run_dir = Path(run_dir)
-    checkpoint = run_dir / "checkpoint"
-    metrics_path = run_dir / "metrics.jsonl"
-    _check_run_config(run_dir, config)
+    run = PretrainRunDir(run_dir)
+    run.claim(config.to_dict())  # a run directory belongs to one config: another is refused, changing nothing
 
-    if (checkpoint / "trainer.json").is_file():
-        model = MemoryModel.from_pretrained(checkpoint / "model", device=device)
+    trainer = run.checkpoint()
+    if trainer is not None:
+        model = MemoryModel.from_pretrained(run.checkpoint_model_dir, device=device)
         optimizer = _make_optimizer(model, config)
-        trainer = json.loads((checkpoint / "trainer.json").read_text())
-        load_optimizer(optimizer, checkpoint / "optimizer.safetensors", trainer["optimizer"], device)
+        load_optimizer(optimizer, run.checkpoint_optimizer(), trainer["optimizer"], device)
         start = trainer["step"]
-        truncate_metrics(metrics_path, start)
-        log.info("resuming %s at step %d", run_dir, start)
+        run.truncate_metrics(start)
+        log.info("resuming %s at step %d", run.path, start)
     else:
         model = build_model(config, tokenizer).to(device)
         optimizer = _make_optimizer(model, config)
         start = 0
-        metrics_path.unlink(missing_ok=True)
+        run.clear_metrics()
 
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
     model.train()
@@ -221,7 +224,7 @@ def pretrain(
                 usage = {str(i): round(m["used_share"], 4) for i, m in train_usage.metrics().items()}
                 record = {"step": done, "loss": out.loss.item(), "lr": optimizer.param_groups[0]["lr"],
                           "tokens_per_s": window_tokens / elapsed, "train_usage": usage, "dense_phase": dense_phase}
-                append_metrics(metrics_path, record)
+                run.append_metrics(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                 usage="/".join(f"{u:.1%}" for u in usage.values()), refresh=False)
                 train_usage.reset()
@@ -229,11 +232,12 @@ def pretrain(
 
             if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
                 record = {"step": done, "eval": _periodic_eval(model, evaluate, usage_rows)}
-                append_metrics(metrics_path, record)
+                run.append_metrics(record)
                 log.info("step %d: %s", done, record["eval"])
                 model.train()
             if done % config.checkpoint_every == 0 or done == end:
-                _save_checkpoint(checkpoint, model, optimizer, done)
+                tensors, layout = flatten_optimizer(optimizer)
+                run.save_checkpoint(model.save_pretrained, tensors, {"step": done, "optimizer": layout})
     model.eval()
     return model
 
@@ -253,26 +257,3 @@ def _make_optimizer(model: MemoryModel, config: PretrainConfig) -> torch.optim.A
     for g in groups:
         g["base_lr"] = g["lr"]
     return torch.optim.AdamW(groups, betas=(0.9, 0.95))
-
-
-def _check_run_config(run_dir: Path, config: PretrainConfig) -> None:
-    """A run directory belongs to one config: resuming with another is refused, changing nothing."""
-    path = run_dir / "config.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved.get("config") != json.loads(json.dumps(config.to_dict())):
-            raise SmvizError(f"{run_dir} holds a run with a different config; choose another name or delete it")
-        return
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps({"format": RUN_FORMAT, "config": config.to_dict()}, indent=2) + "\n")
-
-
-def _save_checkpoint(checkpoint: Path, model: MemoryModel, optimizer: torch.optim.Optimizer, step: int) -> None:
-    tmp = checkpoint.with_name(checkpoint.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "model")
-    tensors, layout = flatten_optimizer(optimizer)
-    safetensors.torch.save_file(tensors, tmp / "optimizer.safetensors")
-    (tmp / "trainer.json").write_text(json.dumps({"step": step, "optimizer": layout}) + "\n")
-    replace_dir(tmp, checkpoint)

@@ -1,4 +1,4 @@
-"""Helpers shared by the report builders: JSON-safe records, errors, output paths and atomic writes."""
+"""What the report builders share: JSON-safe records and numbers, output paths and atomic writes."""
 
 from __future__ import annotations
 
@@ -11,15 +11,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from smviz.errors import SmvizError
+from smviz.errors import ConfigError, WriteError
 from smviz.io import write_json_atomic, write_text_atomic
 
 REPORT_FORMAT = "smviz-report/1"
 FORMATS = ("html", "md")
-
-
-class ReportError(SmvizError):
-    """A report cannot be built from the given inputs (missing model, run or facts, empty input)."""
 
 
 def records(df: pd.DataFrame) -> list[dict[str, Any]]:
@@ -40,26 +36,27 @@ def number(x: Any) -> Any:
 
 
 def rel_drop(start: float | None, end: float | None) -> float | None:
-    """(start − end) / start; None when either is missing or start is 0 (as `smviz.train.finetune.summarize`)."""
+    """(start − end) / start; None when either is missing or start is 0 (as `smviz.train.protocol.summarize`)."""
     return None if start is None or end is None or start == 0 else (start - end) / start
 
 
 def output_paths(out: str | os.PathLike, fmt: str) -> tuple[Path, Path]:
     """(document path, JSON path): `--out report.html` → report.html + report.json; md → report.md + report.json."""
     if fmt not in FORMATS:
-        raise ReportError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
+        raise ConfigError(f"unknown report format {fmt!r}; choose one of {', '.join(FORMATS)}")
     out = Path(out)
     doc = out.with_suffix("." + fmt)
     js = out.with_suffix(".json")
     if doc == js:
-        raise ReportError(f"--out {out} would write the report and its JSON to one file; name it e.g. report.{fmt}")
+        raise ConfigError(f"--out {out} would write the report and its JSON to one file; name it e.g. report.{fmt}")
     return doc, js
 
 
 def check_out_dir(out: str | os.PathLike) -> None:
+    """Refuse an output whose folder does not exist, before any report is computed."""
     parent = Path(out).resolve().parent
     if not parent.is_dir():
-        raise ReportError(f"cannot write {out}: directory {parent} does not exist")
+        raise WriteError(f"cannot write {out}: directory {parent} does not exist")
 
 
 def write_report(report: dict[str, Any], document: str, out: str | os.PathLike, fmt: str) -> tuple[Path, Path]:

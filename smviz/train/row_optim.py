@@ -1,88 +1,9 @@
-"""Sparse memory finetuning's two parts: choosing which value rows a batch trains (`RowSelector`: the
-paper's TF-IDF top-t and its ablations) and updating only those rows (`RowSGD`, `RowAdamW`).
-
-Selection runs inside the forward pass, from an access hook: the hook sees the batch's reads after
-the product-key lookup and before the values are read, counts them (padding excluded, every head,
-every one of the top-k: `smviz.stats.batch_counts`), ranks the slots on the device, and hands the
-chosen rows to `ValueTable.choose_rows`. One forward pass therefore both selects and computes the
-(t, v_dim) gradient; no N×v_dim mask, gradient or optimizer state exists.
-
-Rules (method → rows of each batch, among the slots it read):
-- `sparse`: top-t by TF-IDF(i) = c(i)/Σc · log((|B|+1)/(df(i)+1)) against background `SlotStats`;
-- `tf-only`: top-t by c(i) (the paper's "no reranking" ablation);
-- `memory-all`: every read slot;
-- `random-t`: t read slots uniformly at random (a control; seeded by the step).
-Ties go to the lower slot id.
-"""
+"""Sparse memory finetuning's row optimizers: updating only the value rows a step selected
+(`RowSGD`, `RowAdamW`), every other row left bit-identical, with state only for rows ever chosen."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-
-from smviz.errors import ConfigError
-from smviz.stats import SlotStats, idf
-
-SELECTIONS = ("sparse", "tf-only", "memory-all", "random-t")
-
-
-@dataclass
-class Selection:
-    """What one layer selected in one step (tensors on the model's device)."""
-
-    rows: torch.Tensor  # (t,) int64 slot ids, best first
-    tf: torch.Tensor  # (t,) float: c(i) / Σc
-    df: torch.Tensor  # (t,) int64 background document frequency (-1 without background statistics)
-    score: torch.Tensor  # (t,) float: the ranking score (TF-IDF, TF, or TF for memory-all / random-t)
-    accessed: int  # distinct slots the batch read
-
-
-class RowSelector:
-    """Ranks a batch's read slots per memory layer by the rule of `method` (see module docstring)."""
-
-    def __init__(self, method: str, top_t: int, n_slots: int, stats: SlotStats | None, device: torch.device, seed: int = 0) -> None:
-        if method not in SELECTIONS:
-            raise ConfigError(f"unknown selection method {method!r}; choose one of {list(SELECTIONS)}")
-        if method != "memory-all" and not 1 <= top_t <= n_slots:
-            raise ConfigError(f"top_t must lie in [1, {n_slots}] (the memory's slots), got {top_t}")
-        if method == "sparse" and stats is None:
-            raise ConfigError("TF-IDF selection needs the model's background slot statistics")
-        self.method, self.top_t, self.n_slots, self.seed = method, top_t, n_slots, seed
-        self.stats = stats
-        # background document frequency and IDF per layer, on the device once (they never change in a run)
-        self._df = {} if stats is None else {layer: stats.df[stats.layer_index(layer)].to(device) for layer in stats.layers}
-        self._idf = {} if stats is None else {layer: idf(df, stats.n_docs) for layer, df in self._df.items()}
-
-    def select(self, layer: int, counts: torch.Tensor, step: int) -> Selection:
-        """The rows layer `layer` trains, from the batch's per-slot counts (length N, on the device).
-        Only the read slots are scored: TF-IDF(i) = tf(i) · idf(i), as `smviz.stats.tfidf`."""
-        read = torch.nonzero(counts).flatten()  # ascending ids
-        c = counts[read]
-        tf = c.double() / c.sum().clamp(min=1)
-        df = self._df[layer][read] if layer in self._df else torch.full_like(read, -1)
-        score = tf * self._idf[layer][read] if self.method == "sparse" else tf
-        if self.method == "memory-all":
-            order = _rank(score, len(score))
-        elif self.method == "random-t":
-            g = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + step)
-            order = torch.randperm(len(read), generator=g)[: self.top_t].to(read.device)
-        else:
-            order = _rank(score, self.top_t)
-        return Selection(read[order], tf[order], df[order], score[order], accessed=len(read))
-
-
-def _rank(score: torch.Tensor, t: int) -> torch.Tensor:
-    """Positions of the t highest scores, best first, equal scores in position order (the read slots
-    come in ascending id, so ties go to the lower id). Only candidates at or above the t-th score are
-    sorted, not every read slot."""
-    if t < len(score):
-        threshold = torch.topk(score, t, sorted=False).values.min()
-        candidates = torch.nonzero(score >= threshold).flatten()
-    else:
-        candidates = torch.arange(len(score), device=score.device)
-    order = torch.sort(score[candidates], descending=True, stable=True).indices[:t]
-    return candidates[order]
 
 
 class RowSGD:

@@ -1,0 +1,143 @@
+"""How access patterns and answers shifted between two checkpoints of one model:
+
+- `access_shift(before, after, probe)`: per probe token and memory layer, Jaccard of the slot sets read;
+- `question_access_shift(before, after, facts)`: the same on the facts' held-out questions — THE access
+  shift of a diff (the diff report and the app's Diff page both show it);
+- `fact_shift(before, after, facts)`: per question, answer and F1 before vs after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from smviz.analysis.diff import check_comparable
+from smviz.data.facts import Fact, qa_prompt
+from smviz.errors import AnalysisError
+from smviz.evaluate import answer_questions
+from smviz.model import MemoryModel
+from smviz.record import AccessRecorder
+
+SHIFT_COLUMNS = ["doc", "position", "token_id", "layer", "n_before", "n_after", "n_common", "jaccard"]
+FACT_SHIFT_COLUMNS = ["fact_id", "question", "gold", "answer_before", "answer_after", "em_before", "em_after",
+                      "f1_before", "f1_after", "delta_f1", "answer_changed"]
+
+
+def access_shift(
+    before: MemoryModel,
+    after: MemoryModel,
+    probe: Sequence[str] | Mapping[str, torch.Tensor] | torch.Tensor,
+    *,
+    layers: Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """Per probe token and memory layer: the set of slots read (union over heads of each head's top-k)
+    by `before` and by `after`, and their Jaccard similarity |A∩B| / |A∪B| (1 = same slots).
+
+    `probe`: texts (tokenised with `before`'s tokenizer, each its own document, no special tokens
+    added), a batch dict with `input_ids` (and `attention_mask`; padding is skipped), or an input-ids
+    tensor (B, T). Columns: doc (probe number), position, token_id, layer, n_before, n_after, n_common,
+    jaccard."""
+    check_comparable(before, after)
+    batch = probe_batch(before, probe)
+    sets = []
+    for model in (before, after):
+        with torch.no_grad(), AccessRecorder(model, layers) as rec:
+            model(**{k: v.to(model.device) for k, v in batch.items()})
+        sets.append(rec.batches[0])
+    b, a = sets
+    frames = []
+    for li, layer in enumerate(b.layers):
+        sb = b.slots[:, li].reshape(len(b.slots), -1).astype(np.int64)
+        sa = a.slots[:, li].reshape(len(a.slots), -1).astype(np.int64)
+        n_b, n_a, common = _set_sizes(sb, sa)
+        union = n_b + n_a - common
+        frames.append(pd.DataFrame({
+            "doc": b.seq.astype(np.int64), "position": b.position.astype(np.int64), "token_id": b.token_id.astype(np.int64),
+            "layer": layer, "n_before": n_b, "n_after": n_a, "n_common": common, "jaccard": common / union,
+        }))
+    return pd.concat(frames, ignore_index=True)[SHIFT_COLUMNS]
+
+
+def question_access_shift(before: MemoryModel, after: MemoryModel, facts: Sequence[Fact]) -> pd.DataFrame:
+    """`access_shift` on the facts' questions — the protocol of a diff's access shift: the probe is every
+    held-out question of `facts` as `qa_prompt` text (what the evaluation asks; when none of the facts
+    has held-out questions, all their questions). Columns as `access_shift`; `attrs["probe_size"]` is the
+    number of prompts and `attrs["protocol"]` says how the probe was made."""
+    facts = list(facts)
+    if not facts:
+        raise AnalysisError("no facts given: the access shift probes the facts' questions")
+    probe = [qa_prompt(q.text) for f in facts for q in f.heldout_questions]
+    which = "held-out questions"
+    if not probe:
+        probe, which = [qa_prompt(q.text) for f in facts for q in f.questions], "questions (none is held out)"
+    shift = access_shift(before, after, probe)
+    shift.attrs["probe_size"] = len(probe)
+    shift.attrs["protocol"] = (f"probe: the {len(facts)} facts' {which} as qa_prompt text ({len(probe)} prompts); per "
+                               "token and memory layer the Jaccard of the slot sets read before vs after (access_shift)")
+    return shift
+
+
+def fact_shift(before: MemoryModel, after: MemoryModel, facts: Sequence[Fact], *, heldout: bool = True,
+               max_new_tokens: int = 12) -> pd.DataFrame:
+    """Per question of `facts` (held-out templates; training ones with heldout=False): the greedy
+    answer and its EM / token F1 under `before` and `after` (`smviz.evaluate.answer_questions`).
+    Columns: fact_id, question, gold, answer_before, answer_after, em_before, em_after, f1_before,
+    f1_after, delta_f1 (after − before), answer_changed."""
+    facts = list(facts)
+    if not facts:
+        raise AnalysisError("no facts given: pass at least one Fact")
+    rb = answer_questions(before, facts, heldout=heldout, max_new_tokens=max_new_tokens)
+    ra = answer_questions(after, facts, heldout=heldout, max_new_tokens=max_new_tokens)
+    rows = [{
+        "fact_id": x["fact_id"], "question": x["question"], "gold": x["gold"],
+        "answer_before": x["prediction"], "answer_after": y["prediction"], "em_before": x["em"], "em_after": y["em"],
+        "f1_before": x["f1"], "f1_after": y["f1"], "delta_f1": y["f1"] - x["f1"],
+        "answer_changed": x["prediction"] != y["prediction"],
+    } for x, y in zip(rb, ra)]
+    return pd.DataFrame(rows, columns=FACT_SHIFT_COLUMNS)
+
+
+def probe_batch(model: MemoryModel, probe) -> dict[str, torch.Tensor]:
+    """A probe (texts, a batch dict or an input-ids tensor; see `access_shift`) as a right-padded batch."""
+    if isinstance(probe, torch.Tensor):
+        probe = {"input_ids": probe}
+    if isinstance(probe, Mapping):
+        if "input_ids" not in probe:
+            raise AnalysisError("a probe batch needs 'input_ids'")
+        ids = torch.as_tensor(probe["input_ids"])
+        if ids.dim() != 2 or ids.numel() == 0:
+            raise AnalysisError(f"input_ids must be a non-empty (batch, tokens) tensor, got shape {tuple(ids.shape)}")
+        mask = probe.get("attention_mask")
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids) if mask is None else torch.as_tensor(mask)}
+    texts = list(probe)
+    if not texts or not all(isinstance(t, str) and t for t in texts):
+        raise AnalysisError("probe texts must be a non-empty list of non-empty strings")
+    if model.tokenizer is None:
+        raise AnalysisError("the model has no tokenizer: pass the probe as input_ids")
+    encoded = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(e) for e in encoded)
+    ids = torch.zeros(len(encoded), width, dtype=torch.long)
+    mask = torch.zeros(len(encoded), width, dtype=torch.long)
+    for i, e in enumerate(encoded):  # right-padded; padding is masked out and never recorded
+        ids[i, : len(e)] = torch.tensor(e)
+        mask[i, : len(e)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _set_sizes(a: np.ndarray, b: np.ndarray, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row of two (n, m) id arrays: distinct ids in a, in b, and in both."""
+    n_a, n_b, common = (np.zeros(len(a), np.int64) for _ in range(3))
+    for lo in range(0, len(a), chunk):
+        x, y = np.sort(a[lo : lo + chunk], 1), np.sort(b[lo : lo + chunk], 1)
+        first_x = np.ones_like(x, dtype=bool)
+        first_x[:, 1:] = x[:, 1:] != x[:, :-1]
+        first_y = np.ones_like(y, dtype=bool)
+        first_y[:, 1:] = y[:, 1:] != y[:, :-1]
+        n_a[lo : lo + chunk] = first_x.sum(1)
+        n_b[lo : lo + chunk] = first_y.sum(1)
+        in_y = (x[:, :, None] == y[:, None, :]).any(2)
+        common[lo : lo + chunk] = (first_x & in_y).sum(1)
+    return n_a, n_b, common
