@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from smviz.pipeline import run_finetune
+from smviz.workspace.stages import run_finetune
 from smviz.train.finetune import FinetuneConfig
 
 

@@ -98,7 +98,7 @@ def ws(tmp_path_factory):
 
 
 def _finetune(ws, run_dir, **kw):
-    from smviz.pipeline import run_finetune
+    from smviz.workspace.stages import run_finetune
     from smviz.train.finetune import FinetuneConfig
 
     config = FinetuneConfig(method="sparse", top_t=8, batch_size=4, steps_per_fact=2, eval_every=2)

@@ -22,12 +22,10 @@ import torch
 from smviz.cli import main
 from smviz.model import MemoryModel
 from smviz.stats import (
-    BACKGROUND_STEP_OFFSET,
     STATS_FILE,
     SlotStats,
     SlotStatsError,
     StatsCollector,
-    background_stats,
     batch_counts,
     collect_stats,
     document_counts,
@@ -38,6 +36,7 @@ from smviz.stats import (
     top_slots,
 )
 from smviz.usage import usage_metrics
+from smviz.workspace.stages import BACKGROUND_STEP_OFFSET, background_stats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -434,7 +433,8 @@ def workspace(tmp_path_factory):
     from smviz.data.tokenizer import train_tokenizer
     from smviz.data.world import WorldConfig
     from smviz.io import write_json_atomic
-    from smviz.pipeline import CORPUS_FILES, build_data, load_data
+    from smviz.workspace.layout import CORPUS_FILES
+    from smviz.workspace.stages import build_data, load_data
     from smviz.train.pretrain import PretrainConfig, build_model
     from smviz.workspace import Workspace
 
@@ -455,7 +455,7 @@ def _run(ws, out, **kw):
 
 
 def test_background_uses_the_pretraining_mixture(workspace, tmp_path):
-    from smviz.pipeline import load_data, make_stream
+    from smviz.workspace.stages import load_data, make_stream
     from smviz.train.pretrain import PretrainConfig
 
     ws = workspace

@@ -4,19 +4,16 @@ place for the arithmetic that sparse finetuning reuses) and over many forwards (
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from smviz.stats.slot_stats import SlotStats, SlotStatsError, check_unit
+
 if TYPE_CHECKING:
     from smviz.memory import ProductKeyMemory
     from smviz.model import MemoryModel
-
-log = logging.getLogger(__name__)
-
-from smviz.stats.slot_stats import SlotStats, SlotStatsError, check_unit
 
 
 def _rows(indices: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
