@@ -98,6 +98,8 @@ def test_pretrain_lengths_and_overrides_are_checked_before_anything_is_written(t
     assert "seq_len 100000 is longer than the model's maximum of 128 positions" in one_line_error(capsys, "pretrain")
     assert main(base + ["--memory", "heads=four"]) == 2
     assert "heads must be an integer, got 'four'" in one_line_error(capsys, "pretrain")
+    assert main(base + ["--memory", "layers=9"]) == 2
+    assert "memory layer index [9] out of range: the model has 2 blocks" in one_line_error(capsys, "pretrain")
     assert main(base + ["--model", "hidden_size=abc"]) == 2
     assert "model.hidden_size must be an integer, got 'abc'" in one_line_error(capsys, "pretrain")
     assert main(base + ["--set", "steps=abc"]) == 2

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
 from smviz.config import coerce, with_overrides
 from smviz.data.tokenizer import pack_documents
@@ -38,16 +39,23 @@ EVAL_USAGE_TOKENS = 200_000
 def typed_pretrain_config(config: PretrainConfig) -> PretrainConfig:
     """`config` with its `memory` and `model` overrides checked before anything is written: string
     values (from the command line) parsed to the type of the field they replace, MemoryConfig
-    fields checked against the preset's memory, and `seq_len` within the model's maximum positions.
-    ConfigError naming the field otherwise."""
+    fields checked against the preset's memory and its blocks, and `seq_len` within the model's maximum
+    positions. ConfigError naming the field otherwise."""
     p = preset(config.preset)
     if not isinstance(config.memory, dict) or not isinstance(config.model, dict):
         raise ConfigError("PretrainConfig.memory and .model must be objects of KEY: VALUE overrides")
     checked = with_overrides(p.memory, config.memory)  # unknown field or bad value: ConfigError naming it
     memory = {k: getattr(checked, k) if isinstance(v, str) else v for k, v in config.memory.items()}
     model = {k: _hf_value(k, v, p.hf.get(k)) for k, v in config.model.items()}
-    hf = p.hf | model
-    limit = hf.get("max_position_embeddings") or hf.get("n_positions")
+    try:
+        hf = transformers.AutoConfig.for_model(p.model_type, **(p.hf | model))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"HF config overrides {model} are not valid for a {p.model_type} model: {e}") from None
+    blocks = hf.num_hidden_layers
+    bad = [i for i in checked.layers if not 0 <= i < blocks]
+    if bad:
+        raise ConfigError(f"memory layer index {bad} out of range: the model has {blocks} blocks (0..{blocks - 1})")
+    limit = getattr(hf, "max_position_embeddings", None)
     if limit and config.seq_len > limit:
         raise ConfigError(f"seq_len {config.seq_len} is longer than the model's maximum of {limit} positions "
                           f"(preset {config.preset!r})")
