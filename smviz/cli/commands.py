@@ -147,10 +147,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_stats(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    from smviz.stats import STATS_FILE, distributed_from_env, format_usage
-    from smviz.workspace.stages import background_stats
+    from smviz.stats import distributed_from_env, format_usage
+    from smviz.workspace.stages import background_stats, stats_path
 
     with distributed_from_env(args.device) as (rank, world_size, device):
         stats = background_stats(
@@ -159,7 +157,7 @@ def cmd_stats(args: argparse.Namespace) -> None:
         )
     if rank != 0:
         return
-    out = args.out or str(Path(args.model) / STATS_FILE)
+    out = str(stats_path(args.model, args.out))
     if args.json:
         print_json({"path": out, "model_hash": stats.model_hash, "unit": stats.unit, "n_docs": stats.n_docs,
                      "n_tokens": stats.n_tokens, "protocol": stats.protocol,

@@ -22,12 +22,18 @@ from smviz.workspace.stages.pretrain import (
     typed_pretrain_config,
 )
 from smviz.workspace.stages.reports import make_report
-from smviz.workspace.stages.stats import BACKGROUND_STEP_OFFSET, DEFAULT_BACKGROUND_BATCHES, background_stats
+from smviz.workspace.stages.stats import (
+    BACKGROUND_STEP_OFFSET,
+    DEFAULT_BACKGROUND_BATCHES,
+    background_stats,
+    stats_path,
+)
 
 __all__ = [
     "BACKGROUND_STEP_OFFSET", "DEFAULT_BACKGROUND_BATCHES", "DEMO_STAGES", "THRESHOLDS", "Plan", "Stage",
     "WorkspaceData", "background_stats", "build_data", "build_model_dir", "check_length", "check_model_path",
     "ensure_tokenizer", "evaluate_model_dir", "evaluate_pretrained", "evaluate_workspace_model", "format_thresholds",
     "heldout_rows", "load_data", "make_report", "make_stream", "max_positions", "model_info", "periodic_evaluator",
-    "pretrain_config_of", "run_demo", "run_finetune", "run_pretraining", "threshold_checks", "typed_pretrain_config",
+    "pretrain_config_of", "run_demo", "run_finetune", "run_pretraining", "stats_path", "threshold_checks",
+    "typed_pretrain_config",
 ]

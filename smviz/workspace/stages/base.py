@@ -51,13 +51,15 @@ class Plan:
 class Stage:
     """One stage of a workspace. `done(plan)`: its output is already there (the demo skips it);
     `run(plan)`: does the work and returns the line saying what it wrote; `title(plan)`: what it does,
-    shown before it runs; `skipped(plan)`: where its output already is."""
+    shown before it runs; `skipped(plan)`: where its output already is; `report(plan)`, if any: what
+    the demo shows of its output afterwards, run or skipped."""
 
     name: str
     title: Callable[[Plan], str]
     done: Callable[[Plan], bool]
     run: Callable[[Plan], str]
     skipped: Callable[[Plan], str]
+    report: Callable[[Plan], str] | None = None
 
 
 def max_positions(model: MemoryModel) -> int | None:

@@ -18,7 +18,6 @@ from typing import Any
 from smviz.data.world import WorldConfig
 from smviz.device import resolve_device, seed_everything
 from smviz.errors import TraceError
-from smviz.evaluate import format_report
 from smviz.record import read_documents, record_texts
 from smviz.trace import Trace
 from smviz.train.pretrain import recipe
@@ -26,7 +25,7 @@ from smviz.workspace.layout import Workspace
 from smviz.workspace.stages.base import Plan, Stage
 from smviz.workspace.stages.data import TOKENIZER, WORLD
 from smviz.workspace.stages.finetune import SUMMARY_FILE, stream_stage
-from smviz.workspace.stages.pretrain import EVALUATE, PRETRAIN, evaluate_pretrained, stored_evaluation
+from smviz.workspace.stages.pretrain import EVALUATE, PRETRAIN, stored_evaluation
 from smviz.workspace.stages.reports import REPORTS
 from smviz.workspace.stages.stats import STATS
 
@@ -102,8 +101,8 @@ def run_stages(stages: Sequence[Stage], plan: Plan, say: Callable[[str], None], 
             line = stage.run(plan)
             seconds = time.perf_counter() - t0
             say(f"      done in {seconds / 60:.1f} min {line}" if seconds >= 120 else f"      done in {seconds:.0f}s {line}")
-        if stage is EVALUATE:
-            say(format_report(evaluate_pretrained(plan.ws, plan.name, plan.model)))
+        if stage.report is not None:
+            say(stage.report(plan))
 
 
 def threshold_checks(result: dict[str, Any]) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ import transformers
 from smviz.config import coerce, with_overrides
 from smviz.data.tokenizer import pack_documents
 from smviz.errors import ConfigError, ModelFileError
-from smviz.evaluate import answer_questions, evaluate_model, qa_metrics
+from smviz.evaluate import answer_questions, evaluate_model, format_report, qa_metrics
 from smviz.io import write_json_atomic
 from smviz.model import MemoryModel, preset
 from smviz.train.data import PretrainStream, pack_whole_documents
@@ -231,4 +231,5 @@ EVALUATE = Stage(
     done=lambda plan: stored_evaluation(plan.ws, plan.name, plan.model) is not None,
     run=_evaluate_run,
     skipped=lambda plan: f"evaluation of model {plan.model.model_hash} already in {plan.ws.pretrain_eval(plan.name)}",
+    report=lambda plan: format_report(evaluate_pretrained(plan.ws, plan.name, plan.model)),
 )

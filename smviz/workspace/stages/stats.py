@@ -39,6 +39,11 @@ def stats_workspace(ws: Workspace | str | os.PathLike | None, model_dir: str | o
     return found
 
 
+def stats_path(model_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Where `background_stats` writes: `out`, else beside the model's weights."""
+    return Path(out) if out is not None else Path(model_dir) / STATS_FILE
+
+
 def background_stats(
     ws: Workspace | str | os.PathLike | None,
     model_dir: str | os.PathLike,
@@ -72,7 +77,7 @@ def background_stats(
             raise ConfigError(f"{name} must be >= 1, got {value}")
     model_dir = Path(model_dir)
     ws = stats_workspace(ws, model_dir)
-    out = Path(out) if out is not None else model_dir / STATS_FILE
+    out = stats_path(model_dir, out)
 
     model = MemoryModel.from_pretrained(model_dir, device=torch.device(device))
     if model.tokenizer is None:
