@@ -47,7 +47,7 @@ from smviz.analysis.runs import Run
 from smviz.errors import SmvizError
 from smviz.io import write_json_atomic, write_text_atomic
 from smviz.model import MemoryModel
-from smviz.pipeline import run_finetune
+from smviz.workspace.stages import run_finetune
 from smviz.stats import STATS_FILE, SlotStats
 from smviz.train import FinetuneConfig
 

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from smviz.io import append_jsonl, json_text
-from smviz.pipeline import run_finetune
 from smviz.train import FinetuneConfig
+from smviz.workspace.stages import run_finetune
 
 
 def main() -> None:

@@ -16,7 +16,10 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's smviz when run from a checkout
 
-from smviz.workspace import Workspace  # noqa: E402
+from smviz.workspace.layout import FACTS_GLOB, Workspace  # noqa: E402
+from smviz.model import CONFIG_FILE  # noqa: E402
+from smviz.trace import META_FILE  # noqa: E402
+from smviz.train.rundir import CONFIG as RUN_CONFIG  # noqa: E402
 
 ENV = "SMVIZ_WORKSPACE"
 
@@ -46,15 +49,15 @@ def names(parent: Path, marker: str) -> list[str]:
 
 
 def models(ws: Workspace) -> list[str]:
-    return names(ws.root / "models", "config.json")
+    return names(ws.models_dir, CONFIG_FILE)
 
 
 def traces(ws: Workspace) -> list[str]:
-    return names(ws.root / "traces", "meta.json")
+    return names(ws.traces_dir, META_FILE)
 
 
 def runs(ws: Workspace) -> list[str]:
-    return names(ws.root / "runs", "config.json")
+    return names(ws.runs_dir, RUN_CONFIG)
 
 
 # ---------------------------------------------------------------- the commands that make missing pieces
@@ -68,7 +71,7 @@ def cmd_stats(ws: Workspace, model: str = "NAME") -> str:
 
 
 def cmd_record(ws: Workspace, model: str = "NAME") -> str:
-    return f"smviz record --model {ws.model(model)} --input {ws.data / 'facts-new.jsonl'} --out {ws.trace('NAME')}"
+    return f"smviz record --model {ws.model(model)} --input {ws.facts('new')} --out {ws.trace('NAME')}"
 
 
 def cmd_finetune(ws: Workspace, model: str = "NAME") -> str:
@@ -141,11 +144,11 @@ def base_model(ws: Workspace, hash_: str | None) -> str | None:
 
 @st.cache_resource(show_spinner="Reading facts…")
 def load_facts(data_dir: str) -> dict[str, Any]:
-    """{fact id: Fact} of every facts-*.jsonl in the data directory."""
+    """{fact id: Fact} of every facts file (facts-*.jsonl) in the data directory."""
     from smviz.data.facts import read_facts
 
     out: dict[str, Any] = {}
-    for path in sorted(Path(data_dir).glob("facts-*.jsonl")):
+    for path in sorted(Path(data_dir).glob(FACTS_GLOB)):
         for fact in read_facts(path):
             out.setdefault(fact.id, fact)
     return out
@@ -215,16 +218,6 @@ def with_links(df: pd.DataFrame, trace: str | None, column: str = "slot") -> tup
     df = df.copy()
     df.insert(0, "open", [slot_link(trace, s) for s in df[column]])
     return df, {"open": st.column_config.LinkColumn("open", display_text="slot page")}
-
-
-def pick_trace_for(ws: Workspace, model_hash: str | None, key: str) -> str | None:
-    """A selectbox over the traces recorded with the model `model_hash` (all traces when None)."""
-    names_ = traces(ws)
-    if model_hash is not None:
-        names_ = [n for n in names_ if load_trace(str(ws.trace(n)))[0].model_hash == model_hash]
-    if not names_:
-        return None
-    return st.selectbox("Trace", names_, key=key)
 
 
 def as_int_list(values: Any) -> list[int]:

@@ -8,7 +8,7 @@
 
 The workspace (in the work directory, WS = WORKDIR/ws) is built as benchmarks/bench_record.py builds
 its own: the fact world (WorldConfig(n_known=20, n_bio_only=10, n_new=10)), the workspace tokenizer
-(`pipeline.ensure_tokenizer`, 4,096 entries), and the `tiny` preset randomly initialised
+(`workspace.stages.ensure_tokenizer`, 4,096 entries), and the `tiny` preset randomly initialised
 (`MemoryModel.from_preset("tiny", seed=0)`: 4 memory heads x top-32 on one layer = 128 reads per token,
 65,536 slots); background corpus articles (`data.corpus.load_articles()`, in title order) holding
 >= --trace-accesses accesses (default 10 million = ~80k tokens; --quick: 1 million) are recorded with
@@ -101,7 +101,7 @@ def ensure_trace(ws, args) -> tuple[dict, bool]:
     from smviz.data.corpus import load_articles
     from smviz.data.world import WorldConfig
     from smviz.model import MemoryModel
-    from smviz.pipeline import build_data, ensure_tokenizer, load_data
+    from smviz.workspace.stages import build_data, ensure_tokenizer, load_data
     from smviz.record import record_texts
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)

@@ -7,8 +7,8 @@
 Everything runs on the `tiny` preset (`MemoryModel.from_preset("tiny", seed=0)`, randomly
 initialised, eval mode, under torch.no_grad(); 4 memory heads x top-32 on one layer = 128 reads per
 token, 65,536 slots) on the CPU. A small workspace is built in the work directory first: the fact
-world and corpus splits (`pipeline.build_data`, WorldConfig(n_known=20, n_bio_only=10, n_new=10)) and
-the workspace tokenizer (`pipeline.ensure_tokenizer`, byte-level BPE, 4,096 entries = the preset's
+world and corpus splits (`workspace.stages.build_data`, WorldConfig(n_known=20, n_bio_only=10, n_new=10)) and
+the workspace tokenizer (`workspace.stages.ensure_tokenizer`, byte-level BPE, 4,096 entries = the preset's
 vocabulary); recorded text is the background corpus (`data.corpus.load_articles()`, Wikipedia lead
 summaries, in title order).
 
@@ -94,7 +94,7 @@ from _bench import Case, log, machine_record, measure, paired_ratio, print_total
 from smviz.data.corpus import load_articles
 from smviz.data.world import WorldConfig
 from smviz.model import MemoryModel
-from smviz.pipeline import build_data, ensure_tokenizer, load_data
+from smviz.workspace.stages import build_data, ensure_tokenizer, load_data
 from smviz.record import (
     DEFAULT_CONTEXT,
     AccessRecorder,
@@ -474,8 +474,8 @@ def section_trace(model: MemoryModel, tokenizer, articles, args) -> tuple[list[d
 
 
 def section_stats(tokenizer, data, ws: Workspace, args) -> tuple[list[dict], dict]:
-    from smviz.pipeline import make_stream
-    from smviz.stats import BACKGROUND_STEP_OFFSET, SlotStats, collect_stats
+    from smviz.stats import SlotStats, collect_stats
+    from smviz.workspace.stages import BACKGROUND_STEP_OFFSET, make_stream
     from smviz.train.pretrain import PretrainConfig
 
     rows: list[dict] = []

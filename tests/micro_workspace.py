@@ -9,9 +9,8 @@ from pathlib import Path
 from smviz.data.tokenizer import train_tokenizer
 from smviz.data.world import WorldConfig
 from smviz.model import MemoryModel
-from smviz.pipeline import build_data, load_data, run_finetune
+from smviz.workspace.stages import background_stats, build_data, load_data, run_finetune
 from smviz.record import read_documents, record_texts
-from smviz.stats import background_stats
 from smviz.train.finetune import FinetuneConfig
 from smviz.workspace import Workspace
 

@@ -74,7 +74,12 @@ def test_micro_demo_runs_and_resumes(tmp_path, capsys):
     # a second run finds every stage done
     assert main(args) == 0
     out = capsys.readouterr().out
-    assert out.count("skipped") == 9 and "smviz app --workspace" in out
+    assert out.count("skipped") == 10 and "smviz app --workspace" in out
+    # the evaluation against the project's thresholds, one verdict per criterion
+    line = next(x for x in out.splitlines() if x.startswith("thresholds"))
+    assert line.count("PASS") + line.count("FAIL") == 3 and "known EM" in line and "bio-only EM" in line
+    assert json.loads((ws / "reports" / "pretrain-micro.json").read_text())["model_hash"] == model.model_hash
+    assert not (ws / "pretrain" / "micro" / "eval.json").exists()  # the evaluation is kept in one place
 
 
 def test_world_writes_and_refuses_another_world(tmp_path, capsys):

@@ -98,8 +98,8 @@ def ws(tmp_path_factory):
 
 
 def _finetune(ws, run_dir, **kw):
-    from smviz.pipeline import run_finetune
     from smviz.train import FinetuneConfig
+    from smviz.workspace.stages import run_finetune
 
     config = FinetuneConfig(method="sparse", top_t=8, batch_size=4, steps_per_fact=2, eval_every=2)
     return run_finetune(ws.model("micro"), run_dir, config, facts=ws.data / "facts-new.jsonl",

@@ -28,7 +28,8 @@ from smviz.data.tokenizer import pack_documents, train_tokenizer
 from smviz.data.world import WorldConfig
 from smviz.errors import ConfigError, RunError, SmvizError
 from smviz.model import MemoryModel
-from smviz.pipeline import CORPUS_FILES, build_data, load_data
+from smviz.workspace.layout import CORPUS_FILES
+from smviz.workspace.stages import build_data, load_data
 from smviz.record import AccessRecorder
 from smviz.stats import STATS_FILE, SlotStats, collect_stats, top_slots
 from smviz.train import EvalSets, FactStream, FinetuneConfig, RowSelector, Trainer, finetune, get_method

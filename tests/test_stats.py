@@ -20,14 +20,12 @@ import pytest
 import torch
 
 from smviz.cli import main
+from smviz.errors import StatsError
 from smviz.model import MemoryModel
 from smviz.stats import (
-    BACKGROUND_STEP_OFFSET,
     STATS_FILE,
     SlotStats,
-    SlotStatsError,
     StatsCollector,
-    background_stats,
     batch_counts,
     collect_stats,
     document_counts,
@@ -38,6 +36,7 @@ from smviz.stats import (
     top_slots,
 )
 from smviz.usage import usage_metrics
+from smviz.workspace.stages import BACKGROUND_STEP_OFFSET, background_stats
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,9 +131,9 @@ def test_batch_counts_against_brute_force_and_padding_never_counted():
     assert torch.equal(batch_counts(idx.view(15, 2, 3), mask, n), got)
     assert batch_counts(idx, None, n).tolist() == brute_counts(idx.numpy(), np.ones((3, 5), bool), n)
     assert batch_counts(idx[:0], None, n).tolist() == [0] * n
-    with pytest.raises(SlotStatsError, match="out of range"):
+    with pytest.raises(StatsError, match="out of range"):
         batch_counts(idx, None, n - 1)
-    with pytest.raises(SlotStatsError, match="does not cover"):
+    with pytest.raises(StatsError, match="does not cover"):
         batch_counts(idx, mask[:, :4], n)
 
 
@@ -149,7 +148,7 @@ def test_document_counts_by_hand():
     assert forward_documents(idx, mask, "sequence").tolist() == [2, 3]
     assert forward_documents(idx, torch.zeros(2, 2, dtype=torch.bool), "batch").tolist() == [0, 0]
     assert forward_documents(idx, None, "sequence").tolist() == [2, 4]
-    with pytest.raises(SlotStatsError, match="unknown document unit"):
+    with pytest.raises(StatsError, match="unknown document unit"):
         document_counts(idx, mask, 5, "token")
 
 
@@ -212,7 +211,7 @@ def test_collector_hooks_removed_on_exception_and_stats_untouched(micro2):
 
 def test_collector_refuses_layers_the_model_lacks(micro_model, micro2):
     stats = SlotStats.empty(micro2)  # blocks 0 and 1; micro_model has memory at block 1 only
-    with pytest.raises(SlotStatsError, match=r"blocks \[0\] have no memory layer"):
+    with pytest.raises(StatsError, match=r"blocks \[0\] have no memory layer"):
         with StatsCollector(micro_model, stats):
             pass
     assert not micro_model.memory_layers[1]._access_hooks
@@ -256,14 +255,14 @@ def test_merge_protocols_associative_over_all_triples():
 
 def test_mismatched_stats_refuse_to_merge(micro2, micro_model):
     a = collect_stats(micro2, BATCHES[:1])
-    with pytest.raises(SlotStatsError, match="different unit"):
+    with pytest.raises(StatsError, match="different unit"):
         a + collect_stats(micro2, BATCHES[:1], unit="sequence")
-    with pytest.raises(SlotStatsError, match="different model_hash"):
+    with pytest.raises(StatsError, match="different model_hash"):
         a + replace(a, model_hash="0123456789abcdef")
-    with pytest.raises(SlotStatsError, match="different layers"):
+    with pytest.raises(StatsError, match="different layers"):
         a + collect_stats(micro_model, BATCHES[:1])
     small = MemoryModel.from_preset("micro", seed=0, n_keys=8, layers=(0, 1))
-    with pytest.raises(SlotStatsError, match="different n_slots"):
+    with pytest.raises(StatsError, match="different n_slots"):
         a + collect_stats(small, BATCHES[:1])
 
 
@@ -272,11 +271,11 @@ def test_mismatched_stats_refuse_to_merge(micro2, micro_model):
 
 def test_validation_and_accessors(micro2):
     s = collect_stats(micro2, BATCHES)
-    with pytest.raises(SlotStatsError, match="unknown document unit"):
+    with pytest.raises(StatsError, match="unknown document unit"):
         replace(s, unit="token")
-    with pytest.raises(SlotStatsError, match="int64 tensor of shape"):
+    with pytest.raises(StatsError, match="int64 tensor of shape"):
         replace(s, counts=s.counts.double())
-    with pytest.raises(SlotStatsError, match="block 5 is not a memory layer"):
+    with pytest.raises(StatsError, match="block 5 is not a memory layer"):
         s.idf(5)
     idf = s.idf(1)
     assert idf.dtype == torch.float64
@@ -293,7 +292,7 @@ def test_state_dict_round_trip(micro2):
     assert t == s
     state["counts"][0, 0] += 1  # the loaded stats hold their own tensors
     assert t == s
-    with pytest.raises(SlotStatsError, match="format"):
+    with pytest.raises(StatsError, match="format"):
         t.load_state_dict({"counts": s.counts})
 
 
@@ -316,7 +315,7 @@ def test_save_load_round_trip_and_other_model_refused(tmp_path, saved_models):
     loaded = SlotStats.load(path, model=model)
     assert loaded == s and loaded.counts.dtype == torch.int64
     expected = f"computed with model {model.model_hash} but this model is model {other.model_hash}"
-    with pytest.raises(SlotStatsError, match=expected):
+    with pytest.raises(StatsError, match=expected):
         SlotStats.load(path, model=other)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]  # no temp file left behind
 
@@ -332,20 +331,20 @@ def test_damaged_files_raise_clear_errors(tmp_path, saved_models):
     }
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
-        with pytest.raises(SlotStatsError, match="damaged|not a safetensors"):
+        with pytest.raises(StatsError, match="damaged|not a safetensors"):
             SlotStats.load(tmp_path / name)
     import safetensors.torch
 
     t = {"counts": torch.zeros(1, 256, dtype=torch.int64), "df": torch.zeros(1, 256, dtype=torch.int64)}
     safetensors.torch.save_file(t, tmp_path / "foreign", metadata={"format": "pt"})
-    with pytest.raises(SlotStatsError, match="not an smviz slot-statistics file"):
+    with pytest.raises(StatsError, match="not an smviz slot-statistics file"):
         SlotStats.load(tmp_path / "foreign")
     tampered = collect_stats(model, BATCHES)
     tampered.df[0, 0] = tampered.n_docs + 1
     tampered.save(tmp_path / "tampered")
-    with pytest.raises(SlotStatsError, match="inconsistent"):
+    with pytest.raises(StatsError, match="inconsistent"):
         SlotStats.load(tmp_path / "tampered")
-    with pytest.raises(SlotStatsError, match="does not exist"):
+    with pytest.raises(StatsError, match="does not exist"):
         SlotStats.load(tmp_path / "absent")
 
 
@@ -358,14 +357,14 @@ def test_stored_in_model_dir_keeps_the_model_hash(saved_models):
     assert reloaded.model_hash == model.model_hash
     assert SlotStats.load_for_model(directory) == s
     assert SlotStats.load_for_model(directory, reloaded) == s
-    with pytest.raises(SlotStatsError, match="computed with model"):
+    with pytest.raises(StatsError, match="computed with model"):
         SlotStats.load_for_model(directory, other)
     # stats of one model are refused by another's directory, which stays as it was
     before = sorted(p.name for p in other_dir.iterdir())
-    with pytest.raises(SlotStatsError, match="computed with model"):
+    with pytest.raises(StatsError, match="computed with model"):
         s.save_to_model_dir(other_dir)
     assert sorted(p.name for p in other_dir.iterdir()) == before
-    with pytest.raises(SlotStatsError, match="smviz stats --model"):
+    with pytest.raises(StatsError, match="smviz stats --model"):
         SlotStats.load_for_model(other_dir)
 
 
@@ -416,9 +415,9 @@ def test_top_slots_by_hand_with_ties():
     ids, scores = top_slots(counts, stats, 1, 10)
     assert ids.tolist() == [0, 1, 2, 5, 4]  # every read slot, ties by lower id
     assert top_slots(counts, stats, 1, 0)[0].tolist() == []
-    with pytest.raises(SlotStatsError):
+    with pytest.raises(StatsError):
         top_slots(counts, stats, 1, -1)
-    with pytest.raises(SlotStatsError, match="not a memory layer"):
+    with pytest.raises(StatsError, match="not a memory layer"):
         top_slots(counts, stats, 0, 3)
 
 
@@ -450,7 +449,8 @@ def workspace(tmp_path_factory):
     from smviz.data.tokenizer import train_tokenizer
     from smviz.data.world import WorldConfig
     from smviz.io import write_json_atomic
-    from smviz.pipeline import CORPUS_FILES, build_data, load_data
+    from smviz.workspace.layout import CORPUS_FILES
+    from smviz.workspace.stages import build_data, load_data
     from smviz.train.pretrain import PretrainConfig, build_model
     from smviz.workspace import Workspace
 
@@ -471,7 +471,7 @@ def _run(ws, out, **kw):
 
 
 def test_background_uses_the_pretraining_mixture(workspace, tmp_path):
-    from smviz.pipeline import load_data, make_stream
+    from smviz.workspace.stages import load_data, make_stream
     from smviz.train.pretrain import PretrainConfig
 
     ws = workspace
@@ -505,7 +505,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(workspace, tmp_path
     assert not out.exists()
     partial = partial_path(out)
     assert partial.name == "b.partial-r0of1.safetensors" and partial.is_file()
-    with pytest.raises(SlotStatsError, match="partial state of an interrupted run"):
+    with pytest.raises(StatsError, match="partial state of an interrupted run"):
         SlotStats.load(partial)
     with caplog.at_level(logging.INFO, logger="smviz.stats"):
         resumed = _run(ws, out, n_batches=7, checkpoint_every=2)

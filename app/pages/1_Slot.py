@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _common as c  # noqa: E402
 
 from smviz import figures  # noqa: E402
+from smviz.train.rundir import FinetuneRunDir  # noqa: E402
 
 st.set_page_config(page_title="smviz — Slot", layout="wide")
 st.title("Slot")
@@ -105,7 +106,7 @@ else:
     st.dataframe(full, hide_index=True, key="selection_history")
     st.plotly_chart(figures.tfidf_history(full, slot=slot), key="tfidf_fig")
     base = c.base_model(ws, run.base_model_hash)
-    if base is not None and (ws.run(run_name) / "deltas").is_dir():
+    if base is not None and FinetuneRunDir(ws.run(run_name)).has_deltas():
         st.plotly_chart(figures.value_norm_history(c.value_norms(str(ws.run(run_name)), str(ws.model(base)), slot, layer), slot=slot), key="norm_fig")
 
 # vocabulary projection

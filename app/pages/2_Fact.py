@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _common as c  # noqa: E402
 
 from smviz import figures  # noqa: E402
+from smviz.train.rundir import FinetuneRunDir  # noqa: E402
 
 st.set_page_config(page_title="smviz — Fact", layout="wide")
 st.title("Fact")
@@ -80,7 +81,7 @@ else:
     st.info(f"Run {run_name} ({run.method}) selects no slots: every parameter of its kind is trained.")
 
 base = c.base_model(ws, run.base_model_hash)
-after_dir = ws.run(run_name) / "model"
+after_dir = FinetuneRunDir(ws.run(run_name)).model_dir
 if base is None or not after_dir.is_dir():
     st.info("Answers before/after need the run's base model in models/ and a finished run (run/model).")
     st.stop()

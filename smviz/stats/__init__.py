@@ -1,7 +1,7 @@
 """Background slot statistics and TF-IDF ranking: `SlotStats` (per-slot access counts and document
 frequency of every memory layer over a background corpus, mergeable, stored beside the model's
 weights), the counting that fills it (`batch_counts`, `StatsCollector`, `collect_stats`,
-`background_stats` — resumable, and distributed under torchrun), THE ranking (`rank`: score descending,
+`count_batches` — resumable, and distributed under torchrun), THE ranking (`rank`: score descending,
 ties to the lower slot id) and the paper's score of a batch's slots against the statistics (`idf`,
 `tfidf`, `top_slots`). Errors are `smviz.errors.StatsError`.
 
@@ -12,13 +12,7 @@ Interrupted runs leave `<out stem>.partial-r{rank}of{world}.safetensors` (tag
 `smviz-slot-stats-partial/1`, plus `next_batch` and `fingerprint`), which `SlotStats.load` refuses.
 """
 
-from smviz.stats.background import (
-    BACKGROUND_STEP_OFFSET,
-    DEFAULT_BACKGROUND_BATCHES,
-    background_stats,
-    distributed_from_env,
-    partial_path,
-)
+from smviz.stats.background import check_run_settings, count_batches, distributed_from_env, partial_path
 from smviz.stats.counting import (
     StatsCollector,
     batch_counts,
@@ -32,7 +26,6 @@ from smviz.stats.slot_stats import (
     STATS_FILE,
     UNITS,
     SlotStats,
-    SlotStatsError,
     format_usage,
     idf,
     merge_protocols,
@@ -40,8 +33,8 @@ from smviz.stats.slot_stats import (
 from smviz.stats.tfidf import rank, tfidf, top_slots
 
 __all__ = [
-    "BACKGROUND_STEP_OFFSET", "DEFAULT_BACKGROUND_BATCHES", "FORMAT", "PARTIAL_FORMAT", "STATS_FILE", "UNITS",
-    "SlotStats", "SlotStatsError", "StatsCollector", "background_stats", "batch_counts", "collect_stats",
+    "FORMAT", "PARTIAL_FORMAT", "STATS_FILE", "UNITS",
+    "SlotStats", "StatsCollector", "batch_counts", "check_run_settings", "collect_stats", "count_batches",
     "distributed_from_env", "document_counts", "idf", "format_usage", "forward_documents", "merge_protocols",
     "partial_path", "rank", "tfidf", "top_slots",
 ]

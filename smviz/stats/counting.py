@@ -4,32 +4,30 @@ place for the arithmetic that sparse finetuning reuses) and over many forwards (
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from smviz.errors import StatsError
+from smviz.stats.slot_stats import SlotStats, check_unit
+
 if TYPE_CHECKING:
     from smviz.memory import ProductKeyMemory
     from smviz.model import MemoryModel
-
-log = logging.getLogger(__name__)
-
-from smviz.stats.slot_stats import SlotStats, SlotStatsError, check_unit
 
 
 def _rows(indices: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
     """Accesses as (B·T, H·K) rows, the flat real-token mask (or None) and B, the number of sequences.
     indices (B, T, H, K), or (M, H, K) = one sequence of M tokens unless `mask` is (B, T)."""
     if indices.dim() not in (3, 4):
-        raise SlotStatsError(f"indices must be (B, T, H, K) or (M, H, K), got shape {tuple(indices.shape)}")
+        raise StatsError(f"indices must be (B, T, H, K) or (M, H, K), got shape {tuple(indices.shape)}")
     lead = indices.shape[:-2]
     flat = indices.reshape(lead.numel(), indices.shape[-2] * indices.shape[-1])
     if mask is None:
         return flat, None, lead[0] if len(lead) == 2 else 1
     if mask.numel() != lead.numel():
-        raise SlotStatsError(f"mask of shape {tuple(mask.shape)} does not cover indices of shape {tuple(indices.shape)}")
+        raise StatsError(f"mask of shape {tuple(mask.shape)} does not cover indices of shape {tuple(indices.shape)}")
     n_seq = mask.shape[0] if mask.dim() == 2 else (lead[0] if len(lead) == 2 else 1)
     return flat, mask.reshape(-1).bool(), n_seq
 
@@ -43,7 +41,7 @@ def batch_counts(indices: torch.Tensor, mask: torch.Tensor | None, n_slots: int)
         flat = flat[keep]
     counts = torch.bincount(flat.reshape(-1), minlength=n_slots)
     if counts.numel() > n_slots:
-        raise SlotStatsError(f"slot id {counts.numel() - 1} is out of range for a memory of {n_slots} slots")
+        raise StatsError(f"slot id {counts.numel() - 1} is out of range for a memory of {n_slots} slots")
     return counts
 
 
@@ -108,13 +106,13 @@ class StatsCollector:
     def __enter__(self) -> StatsCollector:
         layers = self.model.memory_layers
         if self.stats.model_hash is not None and self.stats.model_hash != self.model.model_hash:
-            raise SlotStatsError(f"these statistics belong to model {self.stats.model_hash}, not {self.model.model_hash}")
+            raise StatsError(f"these statistics belong to model {self.stats.model_hash}, not {self.model.model_hash}")
         absent = [i for i in self.stats.layers if i not in layers]
         if absent:
-            raise SlotStatsError(f"blocks {absent} have no memory layer; the model's memory layers are {list(layers)}")
+            raise StatsError(f"blocks {absent} have no memory layer; the model's memory layers are {list(layers)}")
         for i in self.stats.layers:
             if layers[i].config.n_slots != self.stats.n_slots:
-                raise SlotStatsError(f"block {i} has {layers[i].config.n_slots} slots, the statistics {self.stats.n_slots}")
+                raise StatsError(f"block {i} has {layers[i].config.n_slots} slots, the statistics {self.stats.n_slots}")
         try:
             for i in self.stats.layers:
                 device = layers[i].keys.device
@@ -169,7 +167,7 @@ class StatsCollector:
 
 def model_inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     if "input_ids" not in batch:
-        raise SlotStatsError(f"a batch must hold 'input_ids' (and optionally 'attention_mask'), got keys {sorted(batch)}")
+        raise StatsError(f"a batch must hold 'input_ids' (and optionally 'attention_mask'), got keys {sorted(batch)}")
     inputs = {"input_ids": batch["input_ids"].to(device)}
     if batch.get("attention_mask") is not None:
         inputs["attention_mask"] = batch["attention_mask"].to(device)

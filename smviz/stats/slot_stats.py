@@ -29,10 +29,6 @@ STATS_FILE = "slot_stats.safetensors"
 UNITS = ("batch", "sequence")
 
 
-# The former module-local class: counting.py, background.py and demo.py (other owners) still name it.
-SlotStatsError = StatsError
-
-
 def check_unit(unit: str) -> None:
     if unit not in UNITS:
         raise StatsError(f"unknown document unit {unit!r}; choose one of {list(UNITS)}")
@@ -240,13 +236,13 @@ class SlotStats:
     @classmethod
     def load(cls, path: str | os.PathLike, model: MemoryModel | None = None) -> SlotStats:
         """Read statistics written by `save`; with `model`, also check they were computed with it."""
-        stats, _ = cls._read(Path(path), FORMAT)
+        stats, _ = cls.read_file(Path(path), FORMAT)
         if model is not None:
             stats.check_model(model)
         return stats
 
     @classmethod
-    def _read(cls, path: Path, fmt: str) -> tuple[SlotStats, dict[str, str]]:
+    def read_file(cls, path: Path, fmt: str) -> tuple[SlotStats, dict[str, str]]:
         try:
             data = path.read_bytes()
         except FileNotFoundError:

@@ -1,0 +1,184 @@
+"""The `smviz` commands: each parses nothing and decides nothing — it calls the library (mostly
+`smviz.workspace.stages`) with the parsed flags and prints the result."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from typing import Any
+
+from smviz.cli.flags import config_from_flags
+from smviz.errors import ConfigError
+
+
+def print_json(obj: Any) -> None:
+    from smviz.io import json_text
+
+    print(json_text(obj))
+
+
+def cmd_build(args: argparse.Namespace) -> None:
+    from smviz.workspace.stages import build_model_dir
+
+    model = build_model_dir(args.preset, args.out, seed=args.seed)
+    info = {"path": args.out, "preset": args.preset, "model_hash": model.model_hash, "parameters": model.parameter_counts()}
+    if args.json:
+        print_json(info)
+    else:
+        print(f"built {args.preset!r} → {args.out} (model {model.model_hash})")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from smviz.workspace.stages import model_info
+
+    model, about = model_info(args.model)
+    if args.json:
+        print_json(about)
+        return
+    print(f"{args.model}: {about['model_type']} with memory at blocks {list(model.memory_layers)} (model {model.model_hash})")
+    for name, n in about["parameters"].items():
+        print(f"  {name:>14}: {n:,}")
+    for i, layer in model.memory_layers.items():
+        print(f"  block {i}: {layer.extra_repr()}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from smviz.workspace.stages import run_demo
+
+    result = run_demo(args.workspace, preset=args.preset, device=args.device, steps=args.steps, seed=args.seed, say=print)
+    if args.json:
+        print_json(result)
+    if args.no_app:
+        print(f"browse it with: smviz app --workspace {args.workspace}")
+        return
+    from smviz.serve import serve_app
+
+    print(f"serving the app for {args.workspace} (Ctrl-C stops it)")
+    serve_app(args.workspace, port=args.port)
+
+
+def cmd_world(args: argparse.Namespace) -> None:
+    from smviz.data.world import WorldConfig
+    from smviz.workspace.stages import build_data
+
+    config = WorldConfig(seed=args.seed, n_known=args.known, n_bio_only=args.bio_only, n_new=args.new)
+    wrote = build_data(args.out, config, force=args.force)
+    print(f"{'wrote' if wrote else 'already present:'} fact world and corpus splits in {args.out}")
+
+
+def cmd_record(args: argparse.Namespace) -> None:
+    from smviz.device import resolve_device
+    from smviz.model import MemoryModel
+    from smviz.record import read_documents, record_texts
+
+    documents, source = read_documents(args.input)  # bad input fails here, before anything is loaded or written
+    model = MemoryModel.from_pretrained(args.model, device=resolve_device(args.device))
+    trace = record_texts(
+        model, documents, args.out, source=source, layers=args.layers, context=args.context, stride=args.stride,
+        batch_size=args.batch_size, force=args.force,
+    )
+    info = {"path": str(trace.path), "model_hash": trace.model_hash, "documents": trace.n_docs,
+            "tokens": trace.n_tokens, "accesses": trace.n_accesses, "layers": trace.layers}
+    if args.json:
+        print_json(info)
+    else:
+        print(f"recorded {trace.n_docs:,} documents, {trace.n_tokens:,} tokens, {trace.n_accesses:,} accesses → {trace.path}")
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from smviz.device import resolve_device
+    from smviz.train import FinetuneConfig
+    from smviz.workspace import Workspace
+    from smviz.workspace.stages import run_finetune
+
+    ws = Workspace(args.workspace)
+    config = config_from_flags(FinetuneConfig(), args, args.config_flags, args.set)
+    summary = run_finetune(
+        args.model, args.out, config, facts=args.facts or ws.facts("new"), known=args.known or ws.facts("known"),
+        heldout=args.heldout or ws.corpus("heldout"), max_facts=args.max_facts, first_fact=args.first_fact,
+        background=args.background, known_facts=args.known_facts, heldout_rows=args.heldout_rows,
+        device=resolve_device(args.device),
+    )
+    if args.json:
+        print_json(summary)
+        return
+    m = summary["metrics"]
+    print(f"{summary['method']}: {summary['facts']} facts, {summary['steps']} steps -> {args.out} (model {summary['model_hash']})")
+    print(f"  learning EM  {m['learning_em']['start']:.3f} -> {m['learning_em']['end']:.3f}")
+    print(f"  known EM     {m['known_em']['start']:.3f} -> {m['known_em']['end']:.3f} (relative drop {m['known_em']['relative_drop'] or 0:.1%})")
+    print(f"  held-out NLL {m['heldout_nll']['start']:.3f} -> {m['heldout_nll']['end']:.3f}")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from smviz.config import parse_assignments
+    from smviz.device import resolve_device
+    from smviz.evaluate import format_report
+    from smviz.train.pretrain import PretrainConfig
+    from smviz.workspace import Workspace
+    from smviz.workspace.stages import evaluate_pretrained, run_pretraining
+
+    overrides = parse_assignments(args.set)
+    dicts = sorted({"memory", "model"} & set(overrides))
+    if dicts:
+        raise ConfigError(f"set {', '.join(dicts)} with --{' and --'.join(dicts)} KEY=VALUE, not --set")
+    config = config_from_flags(PretrainConfig(), args, args.config_flags, args.set)
+    config = dataclasses.replace(config, memory=parse_assignments(args.memory), model=parse_assignments(args.model_override))
+    ws = Workspace(args.workspace)
+    model = run_pretraining(ws, args.name, config, device=resolve_device(args.device))
+    result = evaluate_pretrained(ws, args.name, model)
+    if args.json:
+        print_json(result)
+    else:
+        print(format_report(result))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from smviz.device import resolve_device
+    from smviz.evaluate import format_report
+    from smviz.workspace import Workspace
+    from smviz.workspace.stages import evaluate_model_dir
+
+    result = evaluate_model_dir(Workspace(args.workspace), args.model, device=resolve_device(args.device), out=args.out)
+    if args.json:
+        print_json(result)
+    else:
+        print(format_report(result))
+
+
+def cmd_stats(args: argparse.Namespace) -> None:
+    from smviz.stats import distributed_from_env, format_usage
+    from smviz.workspace.stages import background_stats, stats_path
+
+    with distributed_from_env(args.device) as (rank, world_size, device):
+        stats = background_stats(
+            args.workspace, args.model, unit=args.unit, n_batches=args.batches, batch_size=args.batch_size,
+            seq_len=args.seq_len, device=device, out=args.out, rank=rank, world_size=world_size,
+        )
+    if rank != 0:
+        return
+    out = str(stats_path(args.model, args.out))
+    if args.json:
+        print_json({"path": out, "model_hash": stats.model_hash, "unit": stats.unit, "n_docs": stats.n_docs,
+                     "n_tokens": stats.n_tokens, "protocol": stats.protocol,
+                     "usage": {str(block): m for block, m in stats.usage().items()}})
+    else:
+        print(f"wrote {out}\n{format_usage(stats)}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from smviz.workspace.stages import make_report
+
+    if args.report == "diff":
+        inputs = dict(before_dir=args.before, after_dir=args.after, facts_path=args.facts, known_path=args.known,
+                      heldout_path=args.heldout, run_dir=args.run_dir, top_slots=args.top_slots)
+    else:
+        inputs = dict(run_dirs=args.runs)
+    doc, js = make_report(args.report, args.out, args.format, **inputs)
+    print(json.dumps({"report": str(doc), "json": str(js)}) if args.json else f"wrote {doc} and {js}")
+
+
+def cmd_app(args: argparse.Namespace) -> None:
+    from smviz.serve import serve_app
+
+    raise SystemExit(serve_app(args.workspace, port=args.port, host=args.host, announce=not args.no_browser))
