@@ -127,6 +127,18 @@ def test_module_size(module):
     assert lines <= MAX_LINES, f"{MODULES[module]} has {lines} lines (> {MAX_LINES}): split it into a package"
 
 
+def test_no_unused_logger():
+    """A module that makes a logger logs something with it (an unused one is dead code)."""
+    bad = []
+    for module, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        names = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+                 if isinstance(t, ast.Name) and isinstance(node.value, ast.Call) and ast.unparse(node.value.func) == "logging.getLogger"}
+        used = {n.value.id for n in ast.walk(tree) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)}
+        bad += [f"{module}: {name}" for name in names - used]
+    assert not bad, "loggers made and never used:\n" + "\n".join(bad)
+
+
 def test_the_checker_sees_violations(tmp_path):
     """The checks above find what they look for: an upward import inside a function, a circle, a private name."""
     pkg = tmp_path / "smviz"

@@ -172,7 +172,7 @@ def test_diff_report_refuses_a_run_that_did_not_write_after(ws, tmp_path, capsys
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     full = Run(ws.run("full"))
-    assert err.count("\n") == 0 and err.startswith("smviz report: error:") and "Traceback" not in err
+    assert err.count("\n") == 0 and err.startswith("smviz report diff: error:") and "Traceback" not in err
     assert f"ended with model {full.model_hash}" in err and "give the run that wrote this model" in err
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(AnalysisError, match="ended with model"):

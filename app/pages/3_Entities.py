@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -66,4 +65,3 @@ else:
     from smviz import figures
 
     st.plotly_chart(figures.entity_share_figure(profile, slot), key="entity_fig")
-_ = np

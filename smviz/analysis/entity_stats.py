@@ -5,7 +5,6 @@ matched random draw of the slots its facts read."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -21,8 +20,6 @@ if TYPE_CHECKING:
 
     from smviz.analysis.runs import Run
     from smviz.trace import Trace
-
-log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- per-slot profiles

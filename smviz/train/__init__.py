@@ -8,7 +8,7 @@ from smviz.train.config import FinetuneConfig
 from smviz.train.finetune import finetune
 from smviz.train.methods import Method, get_method, method_names, register_method
 from smviz.train.pretrain import PretrainConfig, pretrain, recipe
-from smviz.train.protocol import EvalSets, evaluate_point, summarize
+from smviz.evaluate.protocol import EvalSets, evaluate_point, summarize
 from smviz.train.rundir import FinetuneRunDir, PretrainRunDir
 from smviz.train.selection import RowSelector, Selection, SelectionRule, get_rule, register_rule, rule_names
 from smviz.train.stream import BACKGROUNDS, COMPOSITIONS, FactStream, stream_stats

@@ -25,7 +25,7 @@ from smviz.errors import ConfigError, RunError
 from smviz.model import MemoryModel
 from smviz.stats import SlotStats
 from smviz.train.config import FinetuneConfig
-from smviz.train.protocol import EvalSets, evaluate_point, summarize
+from smviz.evaluate.protocol import EvalSets, evaluate_point, summarize
 from smviz.train.rundir import OPTIMIZER, RUN_FORMAT, TRAINABLE, FinetuneRunDir
 from smviz.train.selection import Selection
 from smviz.train.stream import FactStream

@@ -1,8 +1,5 @@
 """The learning/forgetting evaluation protocol of finetuning runs: what every evaluation asks (`EvalSets`),
-one evaluation (`evaluate_point`) and a run's start/end/change of every metric (`summarize`).
-
-(DESIGN puts protocols in `smviz/evaluate/`; this module lives in `smviz.train` while `smviz.evaluate`
-becomes a package, and moves there then.)"""
+one evaluation (`evaluate_point`) and a run's start/end/change of every metric (`summarize`)."""
 
 from __future__ import annotations
 
@@ -13,7 +10,9 @@ from typing import Any
 import torch
 
 from smviz.data.facts import Fact
-from smviz.evaluate import SCORING_PROTOCOL, answer_questions, heldout_nll, qa_metrics
+from smviz.evaluate.nll import heldout_nll
+from smviz.evaluate.qa import answer_questions
+from smviz.evaluate.scoring import SCORING_PROTOCOL, qa_metrics
 from smviz.model import MemoryModel
 
 
