@@ -21,18 +21,9 @@ from typing import Any
 from smviz.io import write_json_atomic
 
 
-def json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    return obj
-
-
 def write_result(path: str | Path, payload: dict) -> None:
-    write_json_atomic(path, json_safe(payload))
+    """The result JSON, atomically and strict (smviz.io: NaN / inf become null)."""
+    write_json_atomic(path, payload)
 
 
 def cpu_name() -> str:

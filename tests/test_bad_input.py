@@ -13,7 +13,7 @@ from smviz.cli import build_parser, main
 from smviz.config import field_help
 from smviz.data.tokenizer import train_tokenizer
 from smviz.model import MemoryModel
-from smviz.train.finetune import FinetuneConfig
+from smviz.train import FinetuneConfig
 from smviz.train.pretrain import PretrainConfig
 from smviz.workspace.stages import THRESHOLDS, build_data, threshold_checks
 from smviz.data.world import WorldConfig
@@ -160,3 +160,16 @@ def test_threshold_checks_against_hand_made_evaluations():
     checks = threshold_checks(_evaluation(0.0, 0.0, None))  # nothing known: the ratio is undefined, so it fails
     assert checks[2]["measured"] is None and not any(c["pass"] for c in checks)
     json.dumps(checks, allow_nan=False)
+
+
+def test_record_refuses_a_document_over_the_size_limit(models, tmp_path, capsys):
+    """Case 12 from the command line: the limit is a flag, the refusal names the document, nothing is written."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(json.dumps({"id": "short", "text": "a few slots"}) + "\n"
+                    + json.dumps({"id": "long-one", "text": "memory " * 40}) + "\n")
+    before = tree(tmp_path)
+    assert main(["record", "--model", str(models / "with-tokenizer"), "--input", str(docs), "--out",
+                 str(tmp_path / "trace"), "--max-doc-chars", "100", "--device", "cpu"]) == 2
+    line = one_line_error(capsys, "record")
+    assert "'long-one'" in line and "280 characters" in line and "max_doc_chars=100" in line
+    assert tree(tmp_path) == before

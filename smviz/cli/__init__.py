@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None, help="tokens per window (default 128, capped by the model)")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default context/2)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
+    p.add_argument("--max-doc-chars", type=int, default=None, metavar="N",
+                   help="refuse a document longer than N characters before recording anything "
+                        "(default: smviz.record.DEFAULT_MAX_DOC_CHARS, a million)")
     p.add_argument("--force", action="store_true", help="replace an existing trace at --out")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from typing import Any
 
 from smviz.cli.flags import config_from_flags
 from smviz.errors import ConfigError
 
 
-def print_json(obj: Any) -> None:
+def print_json(obj: Any, *, indent: int | None = 2) -> None:
+    """Print `obj` as strict JSON (NaN and infinities as null), the one way a command prints JSON."""
     from smviz.io import json_text
 
-    print(json_text(obj))
+    print(json_text(obj, indent=indent))
 
 
 def cmd_build(args: argparse.Namespace) -> None:
@@ -77,6 +77,7 @@ def cmd_record(args: argparse.Namespace) -> None:
     trace = record_texts(
         model, documents, args.out, source=source, layers=args.layers, context=args.context, stride=args.stride,
         batch_size=args.batch_size, force=args.force,
+        **({} if args.max_doc_chars is None else {"max_doc_chars": args.max_doc_chars}),
     )
     info = {"path": str(trace.path), "model_hash": trace.model_hash, "documents": trace.n_docs,
             "tokens": trace.n_tokens, "accesses": trace.n_accesses, "layers": trace.layers}
@@ -175,7 +176,10 @@ def cmd_report(args: argparse.Namespace) -> None:
     else:
         inputs = dict(run_dirs=args.runs)
     doc, js = make_report(args.report, args.out, args.format, **inputs)
-    print(json.dumps({"report": str(doc), "json": str(js)}) if args.json else f"wrote {doc} and {js}")
+    if args.json:
+        print_json({"report": str(doc), "json": str(js)}, indent=None)
+    else:
+        print(f"wrote {doc} and {js}")
 
 
 def cmd_app(args: argparse.Namespace) -> None:

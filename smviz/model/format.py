@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from smviz.errors import ConfigError, ModelFileError
-from smviz.io import atomic_dir
+from smviz.io import atomic_dir, strict_json
 from smviz.memory import MemoryConfig
 
 MODEL_FORMAT = "smviz-model/1"
@@ -79,8 +79,11 @@ def unique_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    """JSON as the model format spells it (keys sorted, indent 2): part of the hashed bytes."""
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    """Strict JSON as the model format spells it (keys sorted, indent 2, non-ASCII as \\u escapes): part
+    of the hashed bytes, so unlike `json_text` it keeps the escapes (the file is built inside a temp
+    directory that `atomic_dir` renames into place)."""
+    text = json.dumps(strict_json(obj), indent=2, sort_keys=True, allow_nan=False)
+    path.write_text(text + "\n", encoding="ascii")
 
 
 def write_model_dir(

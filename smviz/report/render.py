@@ -4,13 +4,13 @@ file (plotly.js inlined once, no network references, every text value escaped) o
 from __future__ import annotations
 
 import html
-import json
 from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
 
 from smviz import figures
+from smviz.io import json_text
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
 table{border-collapse:collapse;margin:.5em 0;font-size:.9em}td,th{border:1px solid #ccc;padding:2px 6px;text-align:left}
@@ -28,7 +28,7 @@ def _fmt(x: Any) -> str:
     if isinstance(x, float):
         return f"{x:.4g}"
     if isinstance(x, (list, dict)):
-        return json.dumps(x, ensure_ascii=False)
+        return json_text(x, indent=None)
     return str(x)
 
 
@@ -163,7 +163,7 @@ def render_html(report: dict[str, Any]) -> str:
     """One self-contained HTML page: plotly.js inlined once in the head; nothing is fetched when opened."""
     from plotly.offline import get_plotlyjs
 
-    body = [f"<h1>{e(_title(report))}</h1>", f"<p class=protocol>model hashes: {e(json.dumps(report['model_hashes']))}</p>"]
+    body = [f"<h1>{e(_title(report))}</h1>", f"<p class=protocol>model hashes: {e(json_text(report['model_hashes'], indent=None))}</p>"]
     if report.get("warning"):
         body.append(f"<p><strong>{e(report['warning'])}</strong></p>")
     for title, protocol, parts in _sections(report):
@@ -187,7 +187,7 @@ def render_html(report: dict[str, Any]) -> str:
 
 def render_md(report: dict[str, Any]) -> str:
     """Markdown for a pull request or a paper draft: the tables and protocols (figures are HTML-only)."""
-    lines = [f"# {_md_cell(_title(report))}", "", f"Model hashes: `{json.dumps(report['model_hashes'])}`", ""]
+    lines = [f"# {_md_cell(_title(report))}", "", f"Model hashes: `{json_text(report['model_hashes'], indent=None)}`", ""]
     if report.get("warning"):
         lines += [f"**{_md_cell(report['warning'])}**", ""]
     for title, protocol, parts in _sections(report):

@@ -22,10 +22,11 @@ from tqdm.auto import tqdm
 
 from smviz.data.facts import Fact
 from smviz.errors import ConfigError, RunError
+from smviz.evaluate.protocol import EvalSets, evaluate_point, summarize
+from smviz.io import json_text
 from smviz.model import MemoryModel
 from smviz.stats import SlotStats
 from smviz.train.config import FinetuneConfig
-from smviz.evaluate.protocol import EvalSets, evaluate_point, summarize
 from smviz.train.rundir import OPTIMIZER, RUN_FORMAT, TRAINABLE, FinetuneRunDir
 from smviz.train.selection import Selection
 from smviz.train.stream import FactStream
@@ -62,7 +63,7 @@ def finetune(
         "evaluation": eval_sets.describe(),
     }
     existing = run.identity()
-    if existing is not None and existing != json.loads(json.dumps(identity)):
+    if existing is not None and existing != json.loads(json_text(identity, indent=None)):  # as written to disk
         raise RunError(f"{run.path} holds another run (different config, model, statistics or data); choose another run directory")
     if existing is None and run.holds_files():
         raise RunError(f"{run.path} exists and is not a finetuning run of this configuration; choose another run directory")

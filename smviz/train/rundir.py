@@ -247,7 +247,7 @@ class PretrainRunDir:
     def claim(self, config: dict[str, Any]) -> None:
         """Bind the directory to `config`: write it for a new run, refuse another run's directory."""
         if (self.path / CONFIG).is_file():
-            if self.config() != json.loads(json.dumps(config)):
+            if self.config() != json.loads(json_text(config, indent=None)):  # as config.json holds it
                 raise RunError(f"{self.path} holds a run with a different config; choose another name or delete it")
             return
         ensure_dir(self.path)
