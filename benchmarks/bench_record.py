@@ -92,6 +92,7 @@ import torch
 from _bench import Case, log, machine_record, measure, paired_ratio, print_totals, write_result  # noqa: E402 (run as a script from benchmarks/)
 
 from smviz.data.corpus import load_articles
+from smviz.data.tokenizer import right_pad
 from smviz.data.world import WorldConfig
 from smviz.model import MemoryModel
 from smviz.workspace.stages import build_data, ensure_tokenizer, load_data
@@ -221,14 +222,7 @@ def record_windows(token_ids: list[list[int]], context: int, stride: int, batch_
         group = token_ids[first:i]
         windows = [(d, s, e) for d, t in enumerate(group) for s, e, _ in chunk_spans(len(t), context, stride)]
         for b in range(0, len(windows), batch_size):
-            chunk = windows[b : b + batch_size]
-            width = max(e - s for _, s, e in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, (d, s, e) in enumerate(chunk):
-                ids[row, : e - s] = torch.tensor(group[d][s:e])
-                mask[row, : e - s] = 1
-            batches.append((ids, mask))
+            batches.append(right_pad([group[d][s:e] for d, s, e in windows[b : b + batch_size]], pad))
         first = i
     return batches
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from smviz.analysis.runs import Run
-from smviz.errors import AnalysisError
+from smviz.errors import AnalysisError, ConfigError
 from smviz.analysis.tfidf import (
     TABLE_COLUMNS,
     batch_slot_counts,
@@ -86,7 +86,7 @@ def test_bad_input():
         tfidf_table([0, 0, 0, 0], stats, 1)
     with pytest.raises(AnalysisError, match="not both"):
         tfidf_table([1, 0, 0, 0], stats, 1, top_t=1, selected=[0])
-    with pytest.raises(AnalysisError, match="layer 3"):
+    with pytest.raises(ConfigError, match=r"^the background has no memory layer 3; its memory layers are \[1\]$"):
         tfidf_table([1, 0, 0, 0], stats, 3)
     with pytest.raises(AnalysisError, match="integers"):
         tfidf_table(np.array([1.0, 0, 0, 0]), stats, 1)
@@ -127,7 +127,7 @@ def test_trace_slot_counts():
     assert everything.sum() == 12 and everything[1] == 3 and everything[15] == 1
     with pytest.raises(AnalysisError, match="not in this trace"):
         trace_slot_counts(trace, doc_ids=["nope"])
-    with pytest.raises(AnalysisError, match="layer 0"):
+    with pytest.raises(ConfigError, match=r"^this trace has no memory layer 0; its memory layers are \[1\]$"):
         trace_slot_counts(trace, layer=0)
     with pytest.raises(AnalysisError, match="rows"):
         trace_slot_counts(trace, rows=[7])
@@ -155,7 +155,7 @@ def test_batch_slot_counts_excludes_padding(micro_model):
     got = batch_slot_counts(model, {"input_ids": ids, "attention_mask": mask, "labels": ids})
     assert np.array_equal(got, ref)
     assert got.sum() == int(mask.sum()) * ind.shape[2] * ind.shape[3]
-    with pytest.raises(AnalysisError, match="not a memory layer"):
+    with pytest.raises(ConfigError, match=rf"^the model has no memory layer {block + 5}; its memory layers are \[{block}\]$"):
         batch_slot_counts(model, {"input_ids": ids}, layer=block + 5)
 
 

@@ -20,7 +20,7 @@ from smviz.data.tokenizer import pack_documents, train_tokenizer
 from smviz.model import MemoryModel
 from smviz.record import AccessRecorder
 from smviz.stats import SlotStats, collect_stats
-from smviz.errors import AnalysisError, RunError
+from smviz.errors import AnalysisError, ConfigError, RunError
 from smviz.train import EvalSets, FactStream, FinetuneConfig, finetune
 
 CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Quito", "Accra"]
@@ -155,7 +155,7 @@ def test_bad_input_is_refused(ws, tmp_path):
         diff_models(before, gpt2)
     with pytest.raises(AnalysisError, match="out of range"):
         diff_models(before, before, allowed={1: [256]})
-    with pytest.raises(AnalysisError, match="no memory layer"):
+    with pytest.raises(ConfigError, match=r"^the model has no memory layer 0; its memory layers are \[1\]$"):
         diff_models(before, before, allowed={0: [1]})
     with pytest.raises(AnalysisError, match="allowed="):
         diff_models(before, before, method="sparse")

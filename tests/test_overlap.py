@@ -5,6 +5,7 @@ refused."""
 
 from __future__ import annotations
 
+import re
 
 import numpy as np
 import pandas as pd
@@ -28,7 +29,7 @@ from smviz.analysis.overlap import (
     slot_reuse,
 )
 from smviz.analysis.runs import Run
-from smviz.errors import AnalysisError
+from smviz.errors import AnalysisError, ConfigError
 from smviz.stats import SlotStats
 from smviz.trace import Trace
 from smviz.train import FinetuneConfig
@@ -103,8 +104,16 @@ def test_selected_sets(run):
     assert {k: v.tolist() for k, v in selected_sets(run, by="step", t=1).items()} == {1: [5], 2: [3], 3: [7], 4: [9]}
     with pytest.raises(AnalysisError, match="by must be"):
         selected_sets(run, by="nope")
-    with pytest.raises(AnalysisError, match="layer 0"):
+    with pytest.raises(ConfigError, match=r"^run .+ has no memory layer 0; its memory layers are \[1\]$"):
         selected_sets(run, layer=0)
+
+
+def test_run_resolves_layers_as_everything_does(run):
+    assert run.resolve_layer(None) == run.resolve_layer(1) == 1  # the run's one memory layer
+    assert {k: v.tolist() for k, v in run.selected(by="fact").items()} == {"F1": [1, 3, 5, 7], "F2": [5, 7, 9, 11, 12]}
+    for bad in (0, True, 1.0):
+        with pytest.raises(ConfigError, match=rf"^run {re.escape(str(run.path))} has no memory layer {bad!r}; its memory layers are \[1\]$"):
+            run.selected(layer=bad)
 
 
 def test_slot_reuse(run):
@@ -221,7 +230,7 @@ def test_core_set_by_hand():
         core_set(trace, "F2", layer=1)
     with pytest.raises(AnalysisError, match="no documents"):
         core_set(trace, "F7", layer=1)
-    with pytest.raises(AnalysisError, match="say which one"):
+    with pytest.raises(ConfigError, match=r"^this trace has memory layers \[1, 3\]; say which one \(layer=\.\.\.\)$"):
         core_set(trace, "F1")
     with pytest.raises(AnalysisError, match="part"):
         core_set(trace, "F1", layer=1, part="nope")

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from smviz.cli import main
-from smviz.errors import StatsError
+from smviz.errors import ConfigError, StatsError
 from smviz.model import MemoryModel
 from smviz.stats import (
     STATS_FILE,
@@ -211,7 +211,7 @@ def test_collector_hooks_removed_on_exception_and_stats_untouched(micro2):
 
 def test_collector_refuses_layers_the_model_lacks(micro_model, micro2):
     stats = SlotStats.empty(micro2)  # blocks 0 and 1; micro_model has memory at block 1 only
-    with pytest.raises(StatsError, match=r"blocks \[0\] have no memory layer"):
+    with pytest.raises(ConfigError, match=r"^the model has no memory layer 0; its memory layers are \[1\]$"):
         with StatsCollector(micro_model, stats):
             pass
     assert not micro_model.memory_layers[1]._access_hooks
@@ -275,7 +275,7 @@ def test_validation_and_accessors(micro2):
         replace(s, unit="token")
     with pytest.raises(StatsError, match="int64 tensor of shape"):
         replace(s, counts=s.counts.double())
-    with pytest.raises(StatsError, match="block 5 is not a memory layer"):
+    with pytest.raises(ConfigError, match=r"^the background has no memory layer 5; its memory layers are \[0, 1\]$"):
         s.idf(5)
     idf = s.idf(1)
     assert idf.dtype == torch.float64
@@ -417,7 +417,7 @@ def test_top_slots_by_hand_with_ties():
     assert top_slots(counts, stats, 1, 0)[0].tolist() == []
     with pytest.raises(StatsError):
         top_slots(counts, stats, 1, -1)
-    with pytest.raises(StatsError, match="not a memory layer"):
+    with pytest.raises(ConfigError, match=r"^the background has no memory layer 0; its memory layers are \[1\]$"):
         top_slots(counts, stats, 0, 3)
 
 

@@ -13,23 +13,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import _common as c  # noqa: E402
 
 from smviz import figures  # noqa: E402
+from smviz.data.facts import parse_fact_doc_id  # noqa: E402
 from smviz.train.rundir import FinetuneRunDir  # noqa: E402
+from smviz.workspace.layout import DATA_DIR, FACTS_GLOB  # noqa: E402
 
 st.set_page_config(page_title="smviz — Fact", layout="wide")
 st.title("Fact")
 ws = c.workspace()
 facts = c.load_facts(str(ws.data)) if ws.data.is_dir() else {}
-c.require(list(facts), "facts (data/facts-*.jsonl)", f"smviz world --out {ws.data}")
+c.require(list(facts), f"facts ({DATA_DIR}/{FACTS_GLOB})", f"smviz world --out {ws.data}")
 
 trace_names = c.traces(ws)
 trace_name = st.selectbox("Trace", trace_names, key="trace") if trace_names else None
 trace = index = None
 if trace_name is not None:
     trace, index = c.load_trace(str(ws.trace(trace_name)))
-    doc_ids = trace.tokens.column("doc_id").unique().to_pylist()
-    in_trace = sorted({d.split(":")[0] for d in doc_ids if ":" in d} & set(facts))
+    fact_docs = {d: p for d in trace.tokens.column("doc_id").unique().to_pylist() if (p := parse_fact_doc_id(d)) is not None}
+    in_trace = sorted({p.fact_id for p in fact_docs.values()} & set(facts))
 else:
-    doc_ids, in_trace = [], []
+    fact_docs, in_trace = {}, []
 choices = in_trace or sorted(facts)
 fact_id = st.selectbox("Fact", choices, key="fact")
 fact = facts[fact_id]
@@ -44,7 +46,7 @@ if trace is None:
     st.warning("No traces yet. Record the facts with:")
     st.code(c.cmd_record(ws, c.first_model(ws)), language="bash")
 else:
-    mine = [d for d in doc_ids if d.startswith(fact_id + ":")]
+    mine = [d for d, p in fact_docs.items() if p.fact_id == fact_id]
     if not mine:
         st.info(f"Trace {trace_name} holds no documents of {fact_id}; record the facts file to see them.")
     else:

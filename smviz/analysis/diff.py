@@ -25,7 +25,7 @@ import torch
 
 from smviz.analysis.runs import Run
 from smviz.errors import AnalysisError, RunError
-from smviz.model import MemoryModel
+from smviz.model import MemoryModel, resolve_layer
 from smviz.train.methods import VALUE_ROWS, get_method
 from smviz.train.params import VALUE_ROWS_KIND, may_change, model_tensors, parameter_kinds
 
@@ -251,13 +251,12 @@ def _check_allowed(allowed, layers, n_slots: int) -> dict[int, torch.Tensor] | N
         raise AnalysisError("allowed must be a dict {memory block: value-row ids}")
     out = {}
     for block, rows in allowed.items():
-        if int(block) not in layers:
-            raise AnalysisError(f"allowed names block {block}, which has no memory layer (memory layers: {list(layers)})")
+        block = resolve_layer(int(block), layers, what="the model")
         rows = torch.as_tensor(np.asarray(rows), dtype=torch.long).flatten()
         if len(rows) and (rows.min() < 0 or rows.max() >= n_slots):
             bad = int(rows[(rows < 0) | (rows >= n_slots)][0])
             raise AnalysisError(f"allowed slot id {bad} of block {block} is out of range: the memory has {n_slots} slots (0..{n_slots - 1})")
-        out[int(block)] = rows.unique()
+        out[block] = rows.unique()
     return out
 
 

@@ -2,7 +2,8 @@
 matrices, reuse, churn, overlap with the background's most-used slots), the paper's core sets and how
 much of them the trainable set covers, and the same fact's selections in two runs (the minimum
 trainable t at which a fact is learned is `smviz.analysis.min_t`). Every function returns a DataFrame with
-documented columns (`core_set` returns the slot ids); bad input raises AnalysisError.
+documented columns (`core_set` returns the slot ids); bad input raises AnalysisError (a `layer=` that
+names no memory layer: ConfigError, from `smviz.model.resolve_layer`).
 
 Core set (paper §6, made concrete for a trace of a facts file, whose documents are 'FACT:s0', ... —
 the fact's statements, i.e. paraphrases — and 'FACT:q0', ... — its questions as "Question: ...\\nAnswer:
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from smviz.data.facts import QUESTION, STATEMENT, fact_doc_id, parse_fact_doc_id
 from smviz.errors import AnalysisError
 from smviz.stats import SlotStats, rank
 
@@ -85,18 +87,12 @@ def overlap_matrix(sets: Mapping[Any, Iterable[int]] | Sequence[Iterable[int]]) 
 
 
 def _layer_steps(run: Run, layer: int | None) -> tuple[int, pd.DataFrame]:
-    layers = run.layers
-    if layer is None:
-        if len(layers) != 1:
-            raise AnalysisError(f"run {run.path} has memory layers {layers}; say which one (layer=...)")
-        layer = layers[0]
-    if layer not in layers:
-        raise AnalysisError(f"layer {layer} is not a memory layer of run {run.path} ({layers})")
+    layer = run.resolve_layer(layer)
     steps = run.steps
     steps = steps[steps["layer"] == layer].sort_values("step", kind="stable").reset_index(drop=True)
     if not sum(len(s) for s in steps["selected"]):
         raise AnalysisError(f"run {run.path} selected no slots in layer {layer} ({run.method} trains no value rows by selection)")
-    return int(layer), steps
+    return layer, steps
 
 
 def _long(steps: pd.DataFrame, t: int | None = None) -> pd.DataFrame:
@@ -141,8 +137,6 @@ def background_top(stats: SlotStats, layer: int, top: int) -> np.ndarray:
     `smviz.stats.rank`: ties to the lower id), as int64 ids in that order."""
     if top < 1:
         raise AnalysisError(f"top must be >= 1, got {top}")
-    if layer not in stats.layers:
-        raise AnalysisError(f"layer {layer} is not in the background statistics (layers {list(stats.layers)})")
     counts = stats.counts[stats.layer_index(layer)]
     return rank(counts, top).numpy().astype(np.int64)
 
@@ -202,13 +196,7 @@ class _TraceView:
     """One layer of a trace, indexed for per-document slot sets: accesses sorted by token row."""
 
     def __init__(self, trace: Trace, layer: int | None) -> None:
-        if layer is None:
-            if len(trace.layers) != 1:
-                raise AnalysisError(f"this trace holds layers {trace.layers}; say which one (layer=...)")
-            layer = trace.layers[0]
-        if layer not in trace.layers:
-            raise AnalysisError(f"layer {layer} was not recorded; this trace holds layers {trace.layers}")
-        self.layer = int(layer)
+        self.layer = trace.resolve_layer(layer)
         tok = trace.tokens
         self.tokens = pd.DataFrame({c: tok.column(c).to_numpy(zero_copy_only=False) for c in ("row", "doc_id", "position", "text", "end")})
         toks, slots = [], []
@@ -221,6 +209,7 @@ class _TraceView:
         order = np.argsort(tok_a, kind="stable")
         self.tok, self.slot = tok_a[order], slot_a[order]
         self.by_doc = {d: g for d, g in self.tokens.groupby("doc_id", sort=False)}
+        self.fact_doc_ids = {d: p for d in self.by_doc if (p := parse_fact_doc_id(d)) is not None}  # {doc id: FactDocId}
 
     def slots_of_rows(self, rows: np.ndarray) -> np.ndarray:
         lo = np.searchsorted(self.tok, rows, "left")
@@ -231,9 +220,9 @@ class _TraceView:
         return np.unique(self.slot[idx])
 
     def fact_docs(self, fact_id: str) -> tuple[list[str], list[str]]:
-        statements = sorted((d for d in self.by_doc if _doc_kind(d, fact_id) == "s"), key=_doc_number)
-        questions = sorted((d for d in self.by_doc if _doc_kind(d, fact_id) == "q"), key=_doc_number)
-        return statements, questions
+        """The fact's statement and question documents in this trace, each in index order."""
+        mine = sorted(((p, d) for d, p in self.fact_doc_ids.items() if p.fact_id == fact_id), key=lambda x: x[0].index)
+        return [d for p, d in mine if p.kind == STATEMENT], [d for p, d in mine if p.kind == QUESTION]
 
     def question_rows(self, doc_id: str, part: str) -> np.ndarray:
         g = self.by_doc[doc_id].sort_values("position", kind="stable")
@@ -252,27 +241,13 @@ class _TraceView:
         return rows[prompt] if part == "prompt" else rows[~prompt]
 
 
-def _doc_kind(doc_id: str, fact_id: str) -> str | None:
-    prefix = f"{fact_id}:"
-    if not doc_id.startswith(prefix):
-        return None
-    rest = doc_id[len(prefix):]
-    if len(rest) >= 2 and rest[0] in "sq" and rest[1:].isdigit():
-        return rest[0]
-    return None
-
-
-def _doc_number(doc_id: str) -> int:
-    return int(doc_id.rsplit(":", 1)[1][1:])
-
-
 def _core(view: _TraceView, fact_id: str, part: str) -> dict[str, Any]:
     if part not in PARTS:
         raise AnalysisError(f"part must be one of {list(PARTS)}, got {part!r}")
     statements, questions = view.fact_docs(fact_id)
     if not statements and not questions:
-        raise AnalysisError(f"fact {fact_id!r} has no documents ('{fact_id}:s0', '{fact_id}:q0', ...) in this trace; "
-                           "record the facts file that holds it")
+        raise AnalysisError(f"fact {fact_id!r} has no documents ({fact_doc_id(fact_id, STATEMENT, 0)!r}, "
+                            f"{fact_doc_id(fact_id, QUESTION, 0)!r}, ...) in this trace; record the facts file that holds it")
     if not statements or not questions:
         missing = "statement" if not statements else "question"
         raise AnalysisError(f"fact {fact_id!r} has no {missing} documents in this trace; a core set needs both")
@@ -298,12 +273,9 @@ def core_sets(trace: Trace, fact_ids: Iterable[str] | None = None, *, layer: int
     view = _TraceView(trace, layer)
     if fact_ids is None:
         kinds: dict[str, set[str]] = {}
-        for d in view.by_doc:
-            fact = d.rsplit(":", 1)[0] if ":" in d else None
-            kind = None if fact is None else _doc_kind(d, fact)
-            if kind is not None:
-                kinds.setdefault(fact, set()).add(kind)
-        fact_ids = [f for f, k in kinds.items() if k == {"s", "q"}]
+        for p in view.fact_doc_ids.values():
+            kinds.setdefault(p.fact_id, set()).add(p.kind)
+        fact_ids = [f for f, k in kinds.items() if k == {STATEMENT, QUESTION}]
         if not fact_ids:
             raise AnalysisError("this trace holds no fact with both statement ('FACT:s0') and question ('FACT:q0') documents")
     rows = []

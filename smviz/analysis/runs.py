@@ -1,6 +1,7 @@
 """Reading a finetuning run directory for analysis: its config, metrics and per-step selections as
 DataFrames, and the memory at any step rebuilt from the base model and the run's deltas. Every file is
-read through `smviz.train.rundir.FinetuneRunDir`, the owner of the format; errors are RunError."""
+read through `smviz.train.rundir.FinetuneRunDir`, the owner of the format; errors are RunError (a
+`layer=` that names no memory layer of the run: ConfigError, from `smviz.model.resolve_layer`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pandas as pd
 import torch
 
 from smviz.errors import RunError
-from smviz.model import MemoryModel
+from smviz.model import MemoryModel, resolve_layer
 from smviz.train.rundir import FinetuneRunDir
 
 
@@ -76,12 +77,16 @@ class Run:
     def layers(self) -> list[int]:
         return sorted(int(x) for x in self.steps["layer"].unique())
 
+    def resolve_layer(self, layer: int | None) -> int:
+        """The memory layer of this run `layer` names (None: the only one); ConfigError otherwise."""
+        return resolve_layer(layer, self.layers, what=f"run {self.path}")
+
     def selected(self, *, by: str = "step", layer: int | None = None) -> dict[Any, np.ndarray]:
         """Selected slot ids (sorted, unique) per step (`by="step"`) or per fact (`by="fact"`: the union
         over the fact's steps), for one memory layer (default: the only one)."""
         if by not in ("step", "fact"):
             raise RunError(f"by must be 'step' or 'fact', got {by!r}")
-        layer = self._layer(layer)
+        layer = self.resolve_layer(layer)
         steps = self.steps[self.steps["layer"] == layer]
         key = "step" if by == "step" else "fact_id"
         out: dict[Any, np.ndarray] = {}
@@ -111,13 +116,3 @@ class Run:
                 weight[rows.to(weight.device)] = values.to(weight.device, weight.dtype)
         model.model_hash = None  # no longer the saved base model
         return model
-
-    def _layer(self, layer: int | None) -> int:
-        layers = self.layers
-        if layer is None:
-            if len(layers) != 1:
-                raise RunError(f"run {self.path} has memory layers {layers}; say which one (layer=...)")
-            return layers[0]
-        if layer not in layers:
-            raise RunError(f"layer {layer} is not a memory layer of run {self.path} ({layers})")
-        return layer

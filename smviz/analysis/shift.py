@@ -16,6 +16,7 @@ import torch
 
 from smviz.analysis.diff import check_comparable
 from smviz.data.facts import Fact, qa_prompt
+from smviz.data.tokenizer import right_pad
 from smviz.errors import AnalysisError
 from smviz.evaluate import answer_questions
 from smviz.model import MemoryModel
@@ -118,12 +119,7 @@ def probe_batch(model: MemoryModel, probe) -> dict[str, torch.Tensor]:
     if model.tokenizer is None:
         raise AnalysisError("the model has no tokenizer: pass the probe as input_ids")
     encoded = [model.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    width = max(len(e) for e in encoded)
-    ids = torch.zeros(len(encoded), width, dtype=torch.long)
-    mask = torch.zeros(len(encoded), width, dtype=torch.long)
-    for i, e in enumerate(encoded):  # right-padded; padding is masked out and never recorded
-        ids[i, : len(e)] = torch.tensor(e)
-        mask[i, : len(e)] = 1
+    ids, mask = right_pad(encoded, 0)  # padding (id 0) is masked out and never recorded
     return {"input_ids": ids, "attention_mask": mask}
 
 

@@ -11,7 +11,7 @@ import torch
 from smviz.analysis.runs import Run
 from smviz.analysis.tfidf import step_table
 from smviz.errors import ConfigError
-from smviz.model import MemoryModel, resolve_layer
+from smviz.model import MemoryModel
 from smviz.trace import SlotIndex
 
 
@@ -35,7 +35,7 @@ def co_accessed(index: SlotIndex, slot: int, *, layer: int | None = None, reader
 def selection_history(run: Run, *, layer: int | None = None) -> pd.DataFrame:
     """Every stored selection of the run, one row per (step, selected slot): the columns of
     `smviz.analysis.tfidf.step_table` (step, fact_id, layer, rank, slot, tf, df, score, selected)."""
-    layers = run.layers if layer is None else [resolve_layer(layer, run.layers, what=f"run {run.path}")]
+    layers = run.layers if layer is None else [run.resolve_layer(layer)]
     frames = [step_table(run, int(s), layer=lay) for s in sorted(run.steps["step"].unique()) for lay in layers]
     frames = [f for f in frames if len(f)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["step", "fact_id", "layer", "rank", "slot", "score"])
@@ -46,7 +46,7 @@ def value_norm_history(run: Run, base: MemoryModel, slot: int, *, layer: int | N
     """‖V[slot]‖ after every step of a sparse run (step 0: `base`, the run's base model), read from
     the run's deltas. Columns: step, norm, changed (the step wrote this row)."""
     run.check_model(base)
-    layer = resolve_layer(layer, run.layers, what=f"run {run.path}")
+    layer = run.resolve_layer(layer)
     weight = base.memory_layers[layer].value_table.weight
     if not 0 <= slot < weight.shape[0]:
         raise ConfigError(f"slot {slot} is out of range: the memory has {weight.shape[0]} slots")

@@ -47,12 +47,6 @@ def _counts_tensor(counts: Any, n_slots: int) -> torch.Tensor:
     return c
 
 
-def _check_layer(stats: SlotStats, layer: int, what: str) -> int:
-    if layer not in stats.layers:
-        raise AnalysisError(f"layer {layer} is not in the {what} statistics (layers {list(stats.layers)})")
-    return stats.layer_index(layer)
-
-
 def tfidf_table(
     counts: Any,
     stats: SlotStats,
@@ -80,7 +74,7 @@ def tfidf_table(
     if top_t is not None and top_t < 0:
         raise AnalysisError(f"top_t must be >= 0, got {top_t}")
     c = _counts_tensor(counts, stats.n_slots)
-    row = _check_layer(stats, layer, "background")
+    row = stats.layer_index(layer)
     read = torch.nonzero(c > 0).flatten()  # ascending ids
     if len(read) == 0:
         raise AnalysisError("the counts hold no reads; nothing to rank")
@@ -108,7 +102,7 @@ def tfidf_table(
     if other is not None:
         if other.n_slots != stats.n_slots:
             raise AnalysisError(f"the other background has {other.n_slots} slots, this one {stats.n_slots}")
-        df2 = other.df[_check_layer(other, layer, "other background")]
+        df2 = other.df[other.layer_index(layer)]
         scores2 = tfidf(c, df2, other.n_docs)
         rank2 = torch.empty(stats.n_slots, dtype=torch.int64)
         rank2[read[rank(scores2[read])]] = torch.arange(1, n + 1)
@@ -129,13 +123,7 @@ def batch_slot_counts(model: MemoryModel, batch: Mapping[str, torch.Tensor], lay
     is run in eval mode (as finetuning runs it) under no_grad and left unchanged."""
     from smviz.record import AccessRecorder
 
-    layers = list(model.memory_layers)
-    if layer is None:
-        if len(layers) != 1:
-            raise AnalysisError(f"the model has memory layers {layers}; say which one (layer=...)")
-        layer = layers[0]
-    if layer not in layers:
-        raise AnalysisError(f"layer {layer} is not a memory layer of the model ({layers})")
+    layer = model.resolve_layer(layer)
     n_slots = model.memory_config.n_slots
     inputs = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k != "labels"}
     was_training = model.training
@@ -174,7 +162,7 @@ def trace_slot_counts(
     trace when neither is given."""
     if rows is not None and doc_ids is not None:
         raise AnalysisError("give rows or doc_ids, not both")
-    layer = _trace_layer(trace, layer)
+    layer = trace.resolve_layer(layer)
     keep = trace_rows(trace, doc_ids) if doc_ids is not None else None
     if rows is not None:
         keep = np.unique(np.asarray(list(rows), dtype=np.int64))
@@ -191,20 +179,10 @@ def trace_slot_counts(
     return counts
 
 
-def _trace_layer(trace: Trace, layer: int | None) -> int:
-    if layer is None:
-        if len(trace.layers) != 1:
-            raise AnalysisError(f"this trace holds layers {trace.layers}; say which one (layer=...)")
-        return int(trace.layers[0])
-    if layer not in trace.layers:
-        raise AnalysisError(f"layer {layer} was not recorded; this trace holds layers {trace.layers}")
-    return int(layer)
-
-
 def _step_rows(run: Run, step: int, layer: int | None) -> pd.DataFrame:
     steps = run.steps
-    if layer is not None and layer not in run.layers:
-        raise AnalysisError(f"layer {layer} is not a memory layer of run {run.path} ({run.layers})")
+    if layer is not None:
+        layer = run.resolve_layer(layer)
     rows = steps[steps["step"] == step]
     if rows.empty:
         raise AnalysisError(f"run {run.path} has no step {step} (steps are 1-based: {int(steps['step'].min())}..{int(steps['step'].max())})")

@@ -49,11 +49,10 @@ from smviz.data.lexicon import (  # re-exported: the world's public vocabulary
 )
 from smviz.errors import ConfigError, InputError, WriteError
 from smviz.io import json_text, write_text_atomic
+from smviz.workspace.layout import POPULATION_FILES, WORLD_FILE
 
 WORLD_FORMAT = "smviz-world/1"
-WORLD_FILE = "world.json"
 POPULATIONS = ("known", "bio_only", "new")
-POPULATION_FILES = {"known": "facts-known.jsonl", "bio_only": "facts-bio.jsonl", "new": "facts-new.jsonl"}
 MIN_STATEMENTS_PER_FACT = 16
 MAX_PEOPLE = 10_000  # well under the FIRST_NAMES x SURNAMES combinations, so sampling names stays easy
 

@@ -19,7 +19,7 @@ from smviz.analysis import (
     Run, align_tokens, check_comparable, check_run_model, diff_models, entity_spans, fact_shift, jaccard_matrix, load_pipeline,
     question_access_shift, run_diff, slot_entity_profile,
 )
-from smviz.data.facts import read_facts
+from smviz.data.facts import STATEMENT, fact_doc_id, parse_fact_doc_id, read_facts
 from smviz.errors import InputError, ModelFileError, SmvizError
 from smviz.evaluate import SCORING_PROTOCOL, answer_questions, heldout_nll, qa_metrics
 from smviz.model import MemoryModel
@@ -147,12 +147,13 @@ def build_diff_report(
 
     # ---- per-fact reads: a temporary trace of the facts' statements and questions under `before`
     changed = {int(layer): set(g["slot"].astype(int)) for layer, g in slots.groupby("layer")}
-    docs = [Document(f"{f.id}:s{i}", s) for f in facts for i, s in enumerate(f.statements)]
+    docs = [Document(fact_doc_id(f.id, STATEMENT, i), s) for f in facts for i, s in enumerate(f.statements)]
     with tempfile.TemporaryDirectory(prefix="smviz-report-") as tmp:
         trace = record_texts(before, docs, Path(tmp) / "trace", source={"name": Path(facts_path).name, "kind": "facts"},
                              progress=False)
         acc = trace.to_pandas("accesses")
-        acc = acc.assign(fact_id=acc["doc_id"].astype(str).str.rsplit(":", n=1).str[0])
+        doc_ids = acc["doc_id"].astype(str)
+        acc = acc.assign(fact_id=doc_ids.map({d: parse_fact_doc_id(d).fact_id for d in doc_ids.unique()}))
         trained: dict[str, dict[int, set[int]]] = {}
         for f in facts:
             per = {}

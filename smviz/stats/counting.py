@@ -107,9 +107,8 @@ class StatsCollector:
         layers = self.model.memory_layers
         if self.stats.model_hash is not None and self.stats.model_hash != self.model.model_hash:
             raise StatsError(f"these statistics belong to model {self.stats.model_hash}, not {self.model.model_hash}")
-        absent = [i for i in self.stats.layers if i not in layers]
-        if absent:
-            raise StatsError(f"blocks {absent} have no memory layer; the model's memory layers are {list(layers)}")
+        for i in self.stats.layers:
+            self.model.resolve_layer(i)  # a ConfigError unless every block of the statistics has a memory layer
         for i in self.stats.layers:
             if layers[i].config.n_slots != self.stats.n_slots:
                 raise StatsError(f"block {i} has {layers[i].config.n_slots} slots, the statistics {self.stats.n_slots}")

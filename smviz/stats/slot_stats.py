@@ -4,7 +4,6 @@ corpus — mergeable, saved as safetensors beside the model's weights (format in
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,13 +14,12 @@ import safetensors.torch
 import torch
 
 from smviz.errors import StatsError
-from smviz.io import write_bytes_atomic
+from smviz.io import json_text, strict_json, write_bytes_atomic
+from smviz.model import model_dir_hash, read_memory_config, resolve_layer
 from smviz.usage import usage_metrics
 
 if TYPE_CHECKING:
     from smviz.model import MemoryModel
-
-log = logging.getLogger(__name__)
 
 FORMAT = "smviz-slot-stats/1"
 PARTIAL_FORMAT = "smviz-slot-stats-partial/1"
@@ -120,8 +118,8 @@ class SlotStats:
         if self.n_docs < 0 or self.n_tokens < 0:
             raise StatsError("n_docs and n_tokens must be >= 0")
         try:
-            json.dumps(self.protocol)
-        except (TypeError, ValueError) as e:
+            json_text(self.protocol, indent=None)
+        except (TypeError, ValueError, RecursionError) as e:  # not JSON types; a protocol that contains itself
             raise StatsError(f"protocol must be JSON-able: {e}") from None
 
     @classmethod
@@ -133,13 +131,8 @@ class SlotStats:
         return cls(layers, n, unit, zeros, zeros.clone(), model_hash=model.model_hash, protocol=dict(protocol or {}))
 
     def layer_index(self, layer: int) -> int:
-        """Row of memory block `layer` in `counts` / `df`."""
-        try:
-            return self.layers.index(layer)
-        except ValueError:
-            raise StatsError(
-                f"block {layer} is not a memory layer of these statistics; memory layers: {list(self.layers)}"
-            ) from None
+        """Row of memory block `layer` in `counts` / `df` (ConfigError when the statistics lack it)."""
+        return self.layers.index(resolve_layer(layer, self.layers, what="the background"))
 
     def idf(self, layer: int) -> torch.Tensor:
         """float64 `idf` of block `layer`'s slots."""
@@ -200,7 +193,7 @@ class SlotStats:
         return {
             "format": FORMAT, "layers": list(self.layers), "n_slots": self.n_slots, "unit": self.unit,
             "counts": self.counts.clone(), "df": self.df.clone(), "n_docs": self.n_docs, "n_tokens": self.n_tokens,
-            "model_hash": self.model_hash, "protocol": json.loads(json.dumps(self.protocol)),
+            "model_hash": self.model_hash, "protocol": json.loads(json_text(self.protocol, indent=None)),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -210,7 +203,7 @@ class SlotStats:
         try:
             new = SlotStats(
                 tuple(state["layers"]), state["n_slots"], state["unit"], state["counts"].clone(), state["df"].clone(),
-                state["n_docs"], state["n_tokens"], state["model_hash"], json.loads(json.dumps(state["protocol"])),
+                state["n_docs"], state["n_tokens"], state["model_hash"], json.loads(json_text(state["protocol"], indent=None)),
             )
         except (KeyError, AttributeError, TypeError) as e:
             raise StatsError(f"incomplete slot-statistics state: {e!r}") from None
@@ -220,9 +213,9 @@ class SlotStats:
         """The safetensors file of these statistics (format tag `fmt`, plus `extra` metadata strings).
         Identical statistics give identical bytes: the header is written with sorted keys."""
         metadata = {
-            "format": fmt, "layers": json.dumps(list(self.layers)), "n_slots": str(self.n_slots), "unit": self.unit,
-            "n_docs": str(self.n_docs), "n_tokens": str(self.n_tokens), "model_hash": json.dumps(self.model_hash),
-            "protocol": json.dumps(self.protocol, sort_keys=True),
+            "format": fmt, "layers": json_text(list(self.layers), indent=None), "n_slots": str(self.n_slots),
+            "unit": self.unit, "n_docs": str(self.n_docs), "n_tokens": str(self.n_tokens),
+            "model_hash": json_text(self.model_hash, indent=None), "protocol": _protocol_text(self.protocol),
         } | dict(extra or {})
         data = safetensors.torch.save({"counts": self.counts.contiguous(), "df": self.df.contiguous()}, metadata=metadata)
         return _sorted_header(data)
@@ -327,12 +320,15 @@ class SlotStats:
 
 def _model_dir_facts(model_dir: Path) -> tuple[str, tuple[int, ...], int]:
     """(model hash, memory blocks, slots) of a verified model directory, without loading weights."""
-    from smviz.memory import MemoryConfig
-    from smviz.model import model_dir_hash
-
     model_hash = model_dir_hash(model_dir)
-    memory = MemoryConfig.from_dict(json.loads((model_dir / "memory.json").read_text())["memory"])
+    memory = read_memory_config(model_dir)
     return model_hash, tuple(sorted(memory.layers)), memory.n_slots
+
+
+def _protocol_text(protocol: Mapping[str, Any]) -> str:
+    """The header's protocol string: strict JSON with sorted keys and non-ASCII as \\u escapes (the bytes
+    statistics files have always had, so equal statistics keep giving equal files)."""
+    return json.dumps(strict_json(protocol), sort_keys=True, allow_nan=False)
 
 
 def _sorted_header(data: bytes) -> bytes:

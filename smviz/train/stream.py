@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from smviz.data.facts import Fact, qa_text
+from smviz.data.tokenizer import right_pad
 from smviz.errors import ConfigError
 from smviz.train.data import IGNORE_INDEX
 
@@ -77,12 +78,7 @@ class FactStream:
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else eos
         rows = [ids + [eos] for ids in self.tokenizer(self.texts(step), add_special_tokens=False)["input_ids"]]
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        ids, mask = right_pad(rows, pad)
         return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)}
 
 
