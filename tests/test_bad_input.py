@@ -144,6 +144,15 @@ def test_config_flags_and_their_help_come_from_the_fields(command, cls, skip):
         assert all(f"  {f.name} (" in epilog for f in field_help(MemoryConfig))
 
 
+def test_world_flags_help_comes_from_world_config():
+    """`smviz world` keeps its short flag names; their help and defaults are WorldConfig's fields'."""
+    flags = {a.dest: a for a in _subparser("world")._actions}
+    for f in field_help(WorldConfig):
+        if f.name in ("relations", "statements_per_fact"):  # not flags: every world has all relations
+            continue
+        assert flags[f.name].help == f"{f.help} (default {f.default})" and flags[f.name].default == f.default
+
+
 def _evaluation(known: float, bio: float, drop: float | None) -> dict:
     return {"memory_on": {"qa": {"known": {"em": known}, "bio_only": {"em": bio}, "new": {"em": 0.0}}},
             "derived": {"known_em_drop": drop}}

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from smviz.cli import commands
 from smviz.cli.flags import add_config_flags, config_fields_text
+from smviz.config import field_help
+from smviz.data.world import WorldConfig
 from smviz.errors import SmvizError
 
 DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
@@ -44,10 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("world", help="write the fact world and the background corpus splits")
     p.add_argument("--out", required=True, help="data directory, e.g. WS/data")
-    p.add_argument("--seed", type=int, default=0, help="world and corpus-split seed")
-    p.add_argument("--known", type=int, default=150, help="people in pretraining as statements and Q/A")
-    p.add_argument("--bio-only", type=int, default=100, help="people in pretraining as statements only")
-    p.add_argument("--new", type=int, default=100, help="people never seen in pretraining (the stream)")
+    world = {f.name: f for f in field_help(WorldConfig)}
+    for flag, name in (("--seed", "seed"), ("--known", "n_known"), ("--bio-only", "n_bio_only"), ("--new", "n_new")):
+        p.add_argument(flag, dest=name, type=int, default=world[name].default, metavar="N",
+                       help=f"{world[name].help} (default {world[name].default})")
     p.add_argument("--force", action="store_true", help="replace a different world already in --out")
     p.set_defaults(run=commands.cmd_world)
 

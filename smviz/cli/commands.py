@@ -62,7 +62,7 @@ def cmd_world(args: argparse.Namespace) -> None:
     from smviz.data.world import WorldConfig
     from smviz.workspace.stages import build_data
 
-    config = WorldConfig(seed=args.seed, n_known=args.known, n_bio_only=args.bio_only, n_new=args.new)
+    config = WorldConfig(seed=args.seed, n_known=args.n_known, n_bio_only=args.n_bio_only, n_new=args.n_new)
     wrote = build_data(args.out, config, force=args.force)
     print(f"{'wrote' if wrote else 'already present:'} fact world and corpus splits in {args.out}")
 

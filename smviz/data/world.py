@@ -78,12 +78,12 @@ def _is_int(value: Any) -> bool:
 class WorldConfig:
     """What world to generate. `relations` is a set in effect: it is stored in canonical order."""
 
-    seed: int = 0
-    n_known: int = 150
-    n_bio_only: int = 100
-    n_new: int = 100
-    relations: tuple[str, ...] = RELATION_NAMES
-    statements_per_fact: int = 16
+    seed: int = field(default=0, metadata={"help": "world and corpus-split seed"})
+    n_known: int = field(default=150, metadata={"help": "people in pretraining as statements and Q/A"})
+    n_bio_only: int = field(default=100, metadata={"help": "people in pretraining as statements only"})
+    n_new: int = field(default=100, metadata={"help": "people never seen in pretraining (the stream)"})
+    relations: tuple[str, ...] = field(default=RELATION_NAMES, metadata={"help": "relations every person has a fact of"})
+    statements_per_fact: int = field(default=16, metadata={"help": "statement paraphrases written per fact"})
 
     def __post_init__(self) -> None:
         self.validate()
