@@ -3,7 +3,8 @@ frequency of every memory layer over a background corpus, mergeable, stored besi
 weights), the counting that fills it (`batch_counts`, `StatsCollector`, `collect_stats`,
 `count_batches` — resumable, and distributed under torchrun), THE ranking (`rank`: score descending,
 ties to the lower slot id) and the paper's score of a batch's slots against the statistics (`idf`,
-`tfidf`, `top_slots`). Errors are `smviz.errors.StatsError`.
+`tfidf`, `top_slots`). Damaged or mismatched statistics raise `smviz.errors.StatsError`; a layer the
+statistics lack, `ConfigError` (as `smviz.model.resolve_layer` says it everywhere).
 
 File format (`slot_stats.safetensors`, tag `smviz-slot-stats/1`): tensors `counts` and `df`, (L, N)
 int64, row l = memory block `layers[l]`; metadata strings `format`, `layers` (JSON list), `n_slots`,

@@ -6,10 +6,10 @@ directory is named by that format's own module; this module only says where thos
       data/                 world.json, facts-known.jsonl, facts-bio.jsonl, facts-new.jsonl,
                             corpus-train.jsonl, corpus-heldout.jsonl
       tokenizer/            the workspace tokenizer (tokenizer.json, HF format)
-      pretrain/NAME/        the pretraining run of model NAME (its files: smviz.train.pretrain)
+      pretrain/NAME/        the pretraining run of model NAME (its files: smviz.train.rundir)
       models/NAME/          model directories (smviz.model)
       traces/NAME/          trace directories (smviz.trace)
-      runs/NAME/            finetuning run directories (smviz.train.finetune)
+      runs/NAME/            finetuning run directories (smviz.train.rundir)
       reports/              pretrain-NAME.json (the evaluation of pretrained model NAME),
                             stream-facts.jsonl, diff-METHOD.html/.json, runs.html/.json
 """
