@@ -16,7 +16,7 @@ def test_help_lists_commands(capsys):
         main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for command in ("build", "info", "world", "pretrain", "eval", "record", "stats", "finetune", "demo"):
+    for command in ("build", "info", "world", "pretrain", "eval", "record", "stats", "finetune", "demo", "data"):
         assert command in out
 
 

@@ -84,7 +84,9 @@ def test_malformed_line_names_file_and_line(tmp_path, mutate, message):
 
 
 def test_questions_as_plain_strings_get_the_expected_shape(tmp_path):
-    """The message the issue asks for, exactly: file, line, and what a question must be."""
+    """A file is in one format, told by its first record: in an `smviz` facts file a line with
+    plain-string questions gets the message the issue asks for, exactly (file, line, what a question
+    must be); the same line first in its file is a `simple` fact and reads (tests/test_formats.py)."""
     good = make_fact(0).to_dict()
     bad = make_fact(1).to_dict() | {"questions": ["Where was Ada Vasseur born?"]}
     path = tmp_path / "facts.jsonl"
@@ -94,6 +96,8 @@ def test_questions_as_plain_strings_get_the_expected_shape(tmp_path):
         read_facts(path)
     assert str(err.value) == f"{path}, line 3: questions must be objects {{text, template, heldout}}; question 0 is a string"
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    path.write_text(json.dumps(bad) + "\n")
+    assert [(q.text, q.heldout) for q in read_facts(path)[0].questions] == [("Where was Ada Vasseur born?", True)]
 
 
 def test_not_json_and_duplicates(tmp_path):

@@ -20,6 +20,7 @@ DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from smviz.data.formats import format_names
     from smviz.memory import MemoryConfig
     from smviz.model import PRESETS
     from smviz.train import FinetuneConfig
@@ -189,6 +190,19 @@ def build_parser() -> argparse.ArgumentParser:
         r.add_argument("--json", action="store_true", help="print the written paths as JSON")
         r.set_defaults(run=commands.cmd_report)
 
+    p = sub.add_parser("data", help="bring your own data: convert facts, QA sets, documents, CounterFact or zsRE to smviz's form")
+    dsub = p.add_subparsers(dest="data", required=True, metavar="ACTION")
+    d = dsub.add_parser(
+        "convert", help="write a data file in smviz's canonical JSONL and say which format it was read as",
+        description="The format is detected from the file's content unless --format names it. Facts become smviz "
+        "facts, QA sets {id, question, answers}, documents {id, text}, editing records (CounterFact, zsRE) smviz "
+        "editing records. Bad input writes nothing.")
+    d.add_argument("input", metavar="IN", help="data file: JSONL, or a JSON list (CounterFact, zsRE)")
+    d.add_argument("--out", required=True, help="canonical JSONL file to write, e.g. facts.jsonl")
+    d.add_argument("--format", default=None,
+                   help=f"the input's format: {', '.join(format_names())} (default: detected from its content)")
+    d.set_defaults(run=commands.cmd_data_convert)
+
     p = sub.add_parser("app", help="browse a workspace in the Streamlit app (local only unless --host says otherwise)")
     p.add_argument("--workspace", default="workspace", help="workspace directory to browse (default: ./workspace)")
     p.add_argument("--port", type=int, default=8501, help="port to serve on (default 8501)")
@@ -201,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    command = args.command + (f" {args.report}" if args.command == "report" else "")
+    command = args.command + (f" {getattr(args, args.command)}" if args.command in ("report", "data") else "")
     try:
         args.run(args)
     except SmvizError as e:

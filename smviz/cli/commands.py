@@ -182,6 +182,16 @@ def cmd_report(args: argparse.Namespace) -> None:
         print(f"wrote {doc} and {js}")
 
 
+def cmd_data_convert(args: argparse.Namespace) -> None:
+    from smviz.data.formats import read_data
+    from smviz.data.formats.canonical import write_canonical
+
+    fmt, records = read_data(args.input, args.format)  # bad input fails here, before anything is written
+    write_canonical(args.out, fmt.kind, records)
+    noun = "record" if len(records) == 1 else "records"
+    print(f"{args.input}: format {fmt.name} ({fmt.kind}), {len(records):,} {noun} -> {args.out}")
+
+
 def cmd_app(args: argparse.Namespace) -> None:
     from smviz.serve import serve_app
 

@@ -1,5 +1,5 @@
-"""Documents to record: `Document` (an id and its text) and `read_documents`, the reader of the JSONL
-files `smviz record` takes — plain texts, or a facts file whose facts become their statements and
+"""Documents to record: `Document` (an id and its text, defined in `smviz.data.schema`) and
+`read_documents`, the reader of the JSONL files `smviz record` takes — plain texts, or a facts file whose facts become their statements and
 their questions as Q/A text (document ids by `smviz.data.facts.fact_doc_id`)."""
 
 from __future__ import annotations
@@ -7,18 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from smviz.data.facts import QUESTION, STATEMENT, fact_doc_id, qa_text, read_facts
+from smviz.data.schema import Document
 from smviz.errors import InputError
-
-
-@dataclass(frozen=True)
-class Document:
-    id: str
-    text: str
 
 
 def read_documents(path: str | os.PathLike) -> tuple[list[Document], dict[str, Any]]:
@@ -26,8 +20,9 @@ def read_documents(path: str | os.PathLike) -> tuple[list[Document], dict[str, A
 
     - texts: one JSON object per line with a string "text" and an optional "id" (default: the
       document's number); ids must be unique.
-    - facts (smviz.data.facts format, recognised by a "statements" field): each fact gives its
-      statements (ids 'FACT:s0', ...) and its questions written as Q/A text ('FACT:q0', ...)."""
+    - facts (any facts format `smviz.data.facts.read_facts` reads, recognised by a "statements"
+      field): each fact gives its statements (ids 'FACT:s0', ...) and its questions written as Q/A
+      text ('FACT:q0', ...)."""
     path = Path(path)
     try:
         raw = path.read_bytes()
