@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from smviz.data.facts import QUESTION, STATEMENT, fact_doc_id, qa_text, read_facts
+from smviz.data.formats.registry import read_text
 from smviz.data.schema import Document
 from smviz.errors import InputError
 
@@ -24,15 +25,7 @@ def read_documents(path: str | os.PathLike) -> tuple[list[Document], dict[str, A
       field): each fact gives its statements (ids 'FACT:s0', ...) and its questions written as Q/A
       text ('FACT:q0', ...)."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise InputError(f"cannot read {path}: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise InputError(f"{path} is not UTF-8 text (line {line}, byte {e.start}); convert it to UTF-8") from None
+    raw, text = read_text(path)
     lines = [(i + 1, line) for i, line in enumerate(text.splitlines()) if line.strip()]
     if not lines:
         raise InputError(f"{path} holds no documents (it is empty)")

@@ -71,9 +71,9 @@ def format_names() -> tuple[str, ...]:
     return tuple(_FORMATS)
 
 
-def load_records(path: str | os.PathLike) -> Records:
-    """The objects of a JSONL file, or of a file holding one JSON list (detected by its first
-    character). Blank lines are skipped; an empty file has no objects."""
+def read_text(path: str | os.PathLike) -> tuple[bytes, str]:
+    """The bytes of the file at `path` and their text; InputError naming the file (and the line of the
+    first byte that is not UTF-8) otherwise."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path} does not exist or is not a file")
@@ -82,10 +82,17 @@ def load_records(path: str | os.PathLike) -> Records:
     except OSError as e:
         raise InputError(f"cannot read {path}: {e.strerror or e}") from None
     try:
-        text = raw.decode("utf-8")
+        return raw, raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise InputError(f"{path}, line {line}: the file is not UTF-8 text (byte {raw[e.start]:#x}); save it as UTF-8") from None
+
+
+def load_records(path: str | os.PathLike) -> Records:
+    """The objects of a JSONL file, or of a file holding one JSON list (detected by its first
+    character). Blank lines are skipped; an empty file has no objects."""
+    path = Path(path)
+    _, text = read_text(path)
     stripped = text.lstrip()
     if not stripped:
         return Records(path, "jsonl", [], [])
