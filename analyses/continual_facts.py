@@ -155,7 +155,7 @@ class Study:
             run_dir = self.runs / setting.key / f"seed-{seed}"
             t0 = time.time()
             summary = run_finetune(
-                self.model_dir, run_dir, setting.config(self.plan, seed), facts=self.data / "facts-new.jsonl",
+                self.model_dir, run_dir, setting.config(self.plan, seed), stream=self.data / "facts-new.jsonl",
                 known=self.data / "facts-known.jsonl", heldout=self.data / "corpus-heldout.jsonl",
                 max_facts=self.plan.facts, first_fact=seed * self.plan.facts, background=setting.background,
                 known_facts=self.args.known_facts, heldout_rows=self.args.heldout_rows, device=self.args.device,

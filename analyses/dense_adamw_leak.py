@@ -8,12 +8,12 @@ import torch
 from smviz.model import MemoryModel
 from smviz.stats import SlotStats
 from smviz.data.facts import read_facts
-from smviz.train import FactStream, FinetuneConfig, Trainer
+from smviz.train import Stream, FinetuneConfig, Trainer
 m = MemoryModel.from_pretrained(sys.argv[1]); stats = SlotStats.load_for_model(sys.argv[1], m)
 facts = read_facts(sys.argv[2])[:6]
 cfg = FinetuneConfig(method="sparse", optimizer="adamw", lr=0.1, steps_per_fact=1).resolved()
 tr = Trainer(m, cfg, stats, torch.device("cpu")); m.eval()
-stream = FactStream(facts, m.tokenizer, 16, 1, "statements+qa")
+stream = Stream(facts, m.tokenizer, 16, 1, "statements+qa")
 table = m.memory_layers[2].value_table.weight
 ws = [table.detach().clone().requires_grad_(True) for _ in range(2)]
 dense = [torch.optim.AdamW([ws[0]], lr=0.1, weight_decay=0.1), torch.optim.AdamW([ws[1]], lr=0.1, weight_decay=0.0)]

@@ -37,7 +37,7 @@ def main() -> None:
         name = args.tag + "-" + "-".join(f"{k}{v}" for k, v in spec.items())
         t0 = time.time()
         config = FinetuneConfig(eval_every=10_000, **spec)
-        s = run_finetune(args.model, Path(args.runs) / name, config, facts=data / "facts-new.jsonl", known=data / "facts-known.jsonl",
+        s = run_finetune(args.model, Path(args.runs) / name, config, stream=data / "facts-new.jsonl", known=data / "facts-known.jsonl",
                          heldout=data / "corpus-heldout.jsonl", max_facts=args.facts, progress=False)
         m = s["metrics"]
         row = {"name": name, **spec, "learn_em": m["learning_em"]["end"], "learn_f1": m["learning_f1"]["end"],

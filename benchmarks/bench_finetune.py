@@ -23,7 +23,7 @@ uniform[1, 63] (so counts > 0 exactly where df > 0, counts >= df); the model's a
 model_hash are set to the same fixed string. The TF-IDF arithmetic does not depend on the values.
 
 Batches (the same for every method):
-- "stream": a realistic stream batch — `FactStream(world.new, tokenizer, batch_size=16).batch(0)`,
+- "stream": a realistic stream batch — `Stream(world.new, tokenizer, batch_size=16).batch(0)`,
   16 paraphrases of one fact of `generate_world(WorldConfig(n_known=4, n_bio_only=1, n_new=3))`,
   right-padded (about 16 x 15 positions, ~180 real tokens); the tokenizer is
   `train_tokenizer(world texts + load_articles()[:300], vocab 4096)`;
@@ -50,7 +50,7 @@ once, scores of the read slots only, exact top-t by a topk threshold + stable so
 that is checked to return the same rows, tf, df and scores.
 
 Section 3, optimizer state: for each method, a fresh copy of the model and trainer takes --state-steps
-stream steps (distinct facts: `FactStream(world.facts(), ...)` steps 0, 1, ...), then the state is
+stream steps (distinct facts: `Stream(world.facts(), ...)` steps 0, 1, ...), then the state is
 counted: `Trainer.optimizer_state_elements()` and the bytes of those tensors (element sizes); RowAdamW
 also keeps a slot -> state-row map of N int64 that optimizer_state_elements() leaves out (reported as
 bookkeeping). Contrast: dense AdamW moments over the value table alone (2 x N x v_dim x 4 bytes).
@@ -95,7 +95,7 @@ from smviz.data.tokenizer import train_tokenizer
 from smviz.data.world import WorldConfig, generate_world
 from smviz.model import MemoryModel
 from smviz.stats import SlotStats, batch_counts, tfidf
-from smviz.train import FactStream, FinetuneConfig, RowSelector, Selection, Trainer
+from smviz.train import Stream, FinetuneConfig, RowSelector, Selection, Trainer
 from smviz.train.row_optim import RowAdamW
 
 ROOT = Path(__file__).resolve().parent
@@ -373,7 +373,7 @@ def section_state(sizes: list[int], world, tokenizer, args, device: torch.device
     """Optimizer state after --state-steps stream steps on distinct facts (section 3)."""
     rows: list[dict] = []
     out: dict = {}
-    stream = FactStream(world.facts(), tokenizer, batch_size=16)
+    stream = Stream(world.facts(), tokenizer, batch_size=16)
     steps = min(args.state_steps, len(stream))
     batches = [{k: v.to(device) for k, v in stream.batch(s).items()} for s in range(steps)]
     for e in sizes:
@@ -560,7 +560,7 @@ def main(argv=None) -> int:
     world = generate_world(WorldConfig(**WORLD))
     tokenizer = make_tokenizer(world)
     assert len(tokenizer) <= VOCAB
-    stream_batch = FactStream(world.new, tokenizer, batch_size=16).batch(0)
+    stream_batch = Stream(world.new, tokenizer, batch_size=16).batch(0)
     batches = {"stream": stream_batch, "corpus": corpus_batch(tokenizer, args.corpus_rows, args.corpus_seq)}
     setup_s = time.perf_counter() - t
     log(f"world, tokenizer ({len(tokenizer)} entries) and batches ready in {setup_s:.1f}s")
@@ -628,7 +628,7 @@ def main(argv=None) -> int:
                                                              for f in ("lr", "weight_decay", "top_t")}}
                         for k, (m, o, _) in METHODS.items()},
             "world": WORLD, "tokenizer": f"train_tokenizer(world texts + load_articles()[:{TOKENIZER_ARTICLES}], {VOCAB})",
-            "stream_batch": "FactStream(world.new, tokenizer, batch_size=16).batch(0)",
+            "stream_batch": "Stream(world.new, tokenizer, batch_size=16).batch(0)",
             "corpus_batch": [args.corpus_rows, args.corpus_seq],
             "stats": f"synthetic: n_docs={STATS_DOCS}, df ~ U[0, {STATS_DOCS}], counts = df x U[1, 63]",
             "rounds": args.rounds, "rounds_large": args.rounds_large, "warmup": args.warmup, "target_s": args.target_s,

@@ -29,7 +29,7 @@ def build_micro_workspace(root: Path, *, stats_batches: int = 20, trace: bool = 
         record(ws, ws.data / "facts-new.jsonl", "new")
     for method in runs:
         config = FinetuneConfig(method=method, top_t=16, batch_size=4, steps_per_fact=2, eval_every=2)
-        run_finetune(ws.model("micro"), ws.run(method), config, facts=ws.data / "facts-new.jsonl",
+        run_finetune(ws.model("micro"), ws.run(method), config, stream=ws.data / "facts-new.jsonl",
                      known=ws.data / "facts-known.jsonl", heldout=ws.data / "corpus-heldout.jsonl",
                      max_facts=3, known_facts=4, heldout_rows=2, progress=False)
     return ws

@@ -102,7 +102,7 @@ def _finetune(ws, run_dir, **kw):
     from smviz.workspace.stages import run_finetune
 
     config = FinetuneConfig(method="sparse", top_t=8, batch_size=4, steps_per_fact=2, eval_every=2)
-    return run_finetune(ws.model("micro"), run_dir, config, facts=ws.data / "facts-new.jsonl",
+    return run_finetune(ws.model("micro"), run_dir, config, stream=ws.data / "facts-new.jsonl",
                         known=ws.data / "facts-known.jsonl", heldout=ws.data / "corpus-heldout.jsonl",
                         known_facts=4, heldout_rows=2, progress=False, **kw)
 
@@ -113,7 +113,7 @@ def test_first_fact_slices_the_stream_and_bad_values_write_nothing(ws, tmp_path)
     facts = read_facts(ws.data / "facts-new.jsonl")
     _finetune(ws, tmp_path / "slice", first_fact=2, max_facts=1)
     config = json.loads((tmp_path / "slice" / "config.json").read_text())
-    assert config["stream"]["facts"] == [facts[2].id]
+    assert config["stream"]["ids"] == [facts[2].id]
     for kw in ({"first_fact": 99}, {"first_fact": -1}, {"background": "nq"}):
         with pytest.raises(SmvizError):
             _finetune(ws, tmp_path / "bad", max_facts=1, **kw)
@@ -124,12 +124,12 @@ def test_stream_background_counts_each_batch_as_a_document(ws, tmp_path):
     """The stream's own statistics against an independent count: the recorder's reads, batch by batch."""
     from smviz.model import MemoryModel
     from smviz.record import AccessRecorder
-    from smviz.train import FactStream, stream_stats
+    from smviz.train import Stream, stream_stats
     from smviz.data.facts import read_facts
     import torch
 
     model = MemoryModel.from_pretrained(ws.model("micro"))
-    stream = FactStream(read_facts(ws.data / "facts-new.jsonl")[:2], model.tokenizer, 4, 3, "statements+qa", seed=5)
+    stream = Stream(read_facts(ws.data / "facts-new.jsonl")[:2], model.tokenizer, 4, 3, "statements+qa", seed=5)
     stats = stream_stats(model, stream)
     n = model.memory_config.n_slots
     counts, df = np.zeros(n, np.int64), np.zeros(n, np.int64)

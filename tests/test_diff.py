@@ -21,7 +21,7 @@ from smviz.model import MemoryModel
 from smviz.record import AccessRecorder
 from smviz.stats import SlotStats, collect_stats
 from smviz.errors import AnalysisError, ConfigError, RunError
-from smviz.train import EvalSets, FactStream, FinetuneConfig, finetune
+from smviz.train import EvalSets, Stream, FinetuneConfig, finetune
 
 CITIES = ["Paris", "Lima", "Oslo", "Cairo", "Quito", "Accra"]
 
@@ -61,7 +61,7 @@ def ws(tmp_path_factory):
     stats.save_to_model_dir(root / "base")
     stats = SlotStats.load_for_model(root / "base", model)
     config = FinetuneConfig(method="sparse", top_t=8, batch_size=4, steps_per_fact=1, eval_every=2)
-    stream = FactStream(facts, model.tokenizer, config.batch_size, config.steps_per_fact, config.composition, config.seed)
+    stream = Stream(facts, model.tokenizer, config.batch_size, config.steps_per_fact, config.composition, config.seed)
     sets = EvalSets(facts, make_facts(6)[3:4], rows[:2], sources={"test": "diff"})
     finetune(model, stream, config=config, run_dir=root / "run", eval_sets=sets, stats=stats, progress=False)
     return {"base": root / "base", "run": root / "run", "facts": facts}

@@ -32,7 +32,7 @@ from smviz.workspace.layout import CORPUS_FILES
 from smviz.workspace.stages import build_data, load_data
 from smviz.record import AccessRecorder
 from smviz.stats import STATS_FILE, SlotStats, collect_stats, top_slots
-from smviz.train import EvalSets, FactStream, FinetuneConfig, RowSelector, Trainer, finetune, get_method
+from smviz.train import EvalSets, FinetuneConfig, FinetuneRunDir, RowSelector, Stream, Trainer, finetune, get_method
 from smviz.train.lora import DEFAULT_TARGETS
 from smviz.train.rundir import STEP_SCHEMA
 from smviz.workspace import Workspace
@@ -153,7 +153,7 @@ def run(ws, run_dir: Path, config: FinetuneConfig, n_facts: int = 5, stop_after:
     """One finetune call as a fresh process would make it: the model loaded from disk."""
     model, stats = load(ws, device)
     facts = load_data(ws.data).world.new[:n_facts]
-    stream = FactStream(facts, model.tokenizer, config.batch_size, config.steps_per_fact, config.composition, config.seed)
+    stream = Stream(facts, model.tokenizer, config.batch_size, config.steps_per_fact, config.composition, config.seed)
     return finetune(model, stream, config=config, run_dir=run_dir, eval_sets=eval_sets(ws, model.tokenizer, facts),
                     stats=stats if config.sparse else None, progress=False, stop_after=stop_after)
 
@@ -259,7 +259,7 @@ def test_random_t_is_uniform_over_read_slots_and_seeded_by_seed_and_step():
 @pytest.mark.parametrize("method", ["sparse", "tf-only", "memory-all"])
 def test_selection_inside_the_step_counts_real_tokens_only(ws, world, method, device):
     model, stats = load(ws, device)
-    batch = to(FactStream(world.new, model.tokenizer, batch_size=6, composition="statements+qa").batch(1), device)
+    batch = to(Stream(world.new, model.tokenizer, batch_size=6, composition="statements+qa").batch(1), device)
     assert (batch["attention_mask"] == 0).sum() >= 10  # plenty of padding
     real = recorded_counts(model, batch)
     padded = all_position_counts(model, batch)
@@ -287,7 +287,7 @@ def test_selection_inside_the_step_counts_real_tokens_only(ws, world, method, de
 
 def test_sparse_sgd_step_changes_exactly_the_selected_rows_by_minus_lr_grad(ws, world, device):
     model, stats = load(ws, device)
-    batch = to(FactStream(world.new, model.tokenizer, batch_size=4).batch(2), device)
+    batch = to(Stream(world.new, model.tokenizer, batch_size=4).batch(2), device)
     ref_loss, grads = dense_value_grads(model, batch)
     before = snapshot(model)
     lr, t = 0.5, 12
@@ -314,7 +314,7 @@ def test_sparse_sgd_step_changes_exactly_the_selected_rows_by_minus_lr_grad(ws, 
 
 def test_sparse_adamw_leaves_unselected_rows_alone_where_dense_adamw_moves_them(ws, world, device):
     model, stats = load(ws, device)
-    stream = FactStream(world.new, model.tokenizer, batch_size=4)
+    stream = Stream(world.new, model.tokenizer, batch_size=4)
     lr, wd, t = 1e-2, 0.1, 10
     config = FinetuneConfig(method="sparse", optimizer="adamw", top_t=t, lr=lr, weight_decay=wd).resolved()
     trainer = Trainer(model, config, stats, device)
@@ -331,7 +331,7 @@ def test_sparse_adamw_leaves_unselected_rows_alone_where_dense_adamw_moves_them(
     moved_unselected = {"decay": 0, "momentum only": 0}
     chosen_before: dict[int, set[int]] = {b: set() for b in BLOCKS}
     for step in range(3):
-        assert stream.fact_index(step) == step  # a different fact each step
+        assert stream.item_index(step) == step  # a different fact each step
         batch = to(stream.batch(step), device)
         _, grads = dense_value_grads(model, batch)
         before = snapshot(model)
@@ -385,7 +385,7 @@ def test_lora_trains_only_adapter_weights(ws, world, device):
     assert all(".lora_A." in n or ".lora_B." in n for n in trainable)
     assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in trainable} == targets
     adapters_before = {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
-    stream = FactStream(world.new, model.tokenizer, batch_size=4)
+    stream = Stream(world.new, model.tokenizer, batch_size=4)
     for step in range(2):
         train_step(trainer, to(stream.batch(step), device), step)
     state = model.state_dict()
@@ -427,13 +427,15 @@ def test_sparse_run_directory_is_complete(ws, world, tmp_path, device):
     summary = run(ws, run_dir, config, device=device)
     facts = world.new[:5]
     base, stats = load(ws)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "deltas", "metrics.jsonl", "model", "steps.parquet", "summary.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "deltas", "metrics.jsonl", "model", "steps.parquet", "stream.jsonl", "summary.json"]
 
     identity = json.loads((run_dir / "config.json").read_text())
     assert identity["format"] == "smviz-finetune/1" and identity["config"] == config.to_dict()
     assert (identity["config"]["optimizer"], identity["config"]["lr"], identity["config"]["weight_decay"]) == ("sgd", get_method("sparse").default_lr["sgd"], 0.0)
     assert identity["base_model_hash"] == base.model_hash == identity["stats"]["model_hash"]
-    assert identity["stream"]["facts"] == [f.id for f in facts]
+    assert identity["stream"]["ids"] == [f.id for f in facts] and identity["stream"]["kind"] == "facts"
+    from smviz.data.facts import Fact
+    assert [Fact.from_dict(d) for d in FinetuneRunDir(run_dir).stream()] == facts  # stream.jsonl: the items, canonical
 
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [0, 2, 4, 5] and [m["facts_seen"] for m in metrics] == [0, 2, 4, 5]
@@ -450,7 +452,7 @@ def test_sparse_run_directory_is_complete(ws, world, tmp_path, device):
         if "grad_norm" in r:
             assert r["grad_norm"] > 0
     # step 1 selected the top-t by TF-IDF of what the base model read for batch 0 (real tokens only)
-    stream = FactStream(facts, base.tokenizer, batch_size=4, composition=config.composition)
+    stream = Stream(facts, base.tokenizer, batch_size=4, composition=config.composition)
     counts = recorded_counts(load(ws, device)[0], to(stream.batch(0), device))  # on the run's device
     for r in rows[:2]:
         c = counts[r["layer"]]
@@ -591,7 +593,7 @@ def test_cli_bad_input_exits_2_and_writes_nothing(ws, tmp_path, capsys):
     (bad / "latin1.jsonl").write_bytes('{"id": "Jos\xe9"}\n'.encode("latin-1"))
     cases = [
         (["--facts", str(bad / "malformed.jsonl")], "malformed.jsonl, line 1"),
-        (["--facts", str(bad / "empty.jsonl")], "holds no facts"),
+        (["--facts", str(bad / "empty.jsonl")], "holds no records"),
         (["--facts", str(bad / "latin1.jsonl")], "is not UTF-8"),
         (["--known", str(bad / "empty.jsonl")], "holds no facts"),
         (["--top-t", "0"], "top_t must be >= 1"),
@@ -628,7 +630,7 @@ def test_cli_stream_slice_and_stream_background(ws, tmp_path, capsys):
     assert main(cli_args(ws, out, "--first-fact", "1", "--background", "stream", "--json")) == 0
     summary = json.loads(capsys.readouterr().out)
     identity = json.loads((out / "config.json").read_text())
-    assert identity["stream"]["facts"] == [f.id for f in read_facts(ws.data / "facts-new.jsonl")[1:4]]
+    assert identity["stream"]["ids"] == [f.id for f in read_facts(ws.data / "facts-new.jsonl")[1:4]]
     assert identity["stats"]["protocol"]["source"] == "stream" and identity["stats"]["protocol"]["n_batches"] == summary["steps"]
     bad = tmp_path / "bad"
     assert main(cli_args(ws, bad, "--first-fact", "999")) == 2
@@ -675,7 +677,7 @@ def test_cli_method_kl_runs_and_selects_by_kl(ws, world, tmp_path, capsys):
     # step 1 chose the top 8 read slots by p·log(p/q), computed here from an independent count
     model, stats = load(ws)
     config = FinetuneConfig.from_dict(json.loads((out / "config.json").read_text())["config"])
-    stream = FactStream(world.new[:3], model.tokenizer, config.batch_size, config.steps_per_fact, config.composition, config.seed)
+    stream = Stream(world.new[:3], model.tokenizer, config.batch_size, config.steps_per_fact, config.composition, config.seed)
     counts = recorded_counts(model, stream.batch(0))
     rows = [r for r in pq.read_table(out / "steps.parquet").to_pylist() if r["step"] == 1]
     assert len(rows) == len(BLOCKS)
@@ -726,7 +728,7 @@ def test_lora_adapts_gpt2_conv1d_layers_and_the_audit_agrees(ws, world, tmp_path
     trainer = Trainer(model, config, None, device)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {n.split(".lora_")[0] for n in trainable} == conv  # every c_attn, c_proj, c_fc (memory blocks: no MLP)
-    stream = FactStream(world.new, model.tokenizer, batch_size=4)
+    stream = Stream(world.new, model.tokenizer, batch_size=4)
     for step in range(2):
         train_step(trainer, to(stream.batch(step), device), step)
     state = model.state_dict()

@@ -275,7 +275,7 @@ def micro(tmp_path_factory):
     from smviz.data.tokenizer import train_tokenizer
     from smviz.model import MemoryModel
     from smviz.stats import collect_stats
-    from smviz.train import EvalSets, FactStream, finetune
+    from smviz.train import EvalSets, Stream, finetune
 
     facts = [
         Fact(f"F{i}", name, "birthplace", city,
@@ -294,7 +294,7 @@ def micro(tmp_path_factory):
     stats = collect_stats(model, [{"input_ids": rows["input_ids"][i:i + 2], "attention_mask": rows["attention_mask"][i:i + 2]}
                                   for i in range(0, len(texts), 2)])
     config = FinetuneConfig(method="sparse", top_t=8, batch_size=4, steps_per_fact=2, eval_every=100)
-    stream = FactStream(facts, tokenizer, batch_size=4, steps_per_fact=2, composition=config.composition)
+    stream = Stream(facts, tokenizer, batch_size=4, steps_per_item=2, composition=config.composition)
     sets = EvalSets(stream=facts, known=facts[:1], heldout_rows=rows["input_ids"][:2, :4])
     finetune(MemoryModel.from_pretrained(root / "m"), stream, config=config, run_dir=root / "run", eval_sets=sets,
              stats=stats, progress=False)

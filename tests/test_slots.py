@@ -34,7 +34,7 @@ def setting(tmp_path_factory):
     docs, source = read_documents(ws.data / "facts-new.jsonl")
     trace = record_texts(model, docs, ws.trace("new"), source=source, progress=False)
     config = FinetuneConfig(method="sparse", top_t=8, batch_size=4, steps_per_fact=2, eval_every=2)
-    run_finetune(ws.model("m"), ws.run("r"), config, facts=ws.data / "facts-new.jsonl", known=ws.data / "facts-known.jsonl",
+    run_finetune(ws.model("m"), ws.run("r"), config, stream=ws.data / "facts-new.jsonl", known=ws.data / "facts-known.jsonl",
                  heldout=ws.data / "corpus-heldout.jsonl", max_facts=2, known_facts=2, heldout_rows=1, progress=False)
     return ws, trace, Run(ws.run("r"))
 

@@ -50,7 +50,7 @@ def min_t_sweep(
 
     from smviz.evaluate import answer_questions
     from smviz.model import MemoryModel
-    from smviz.train import FactStream, FinetuneConfig, Trainer
+    from smviz.train import Stream, FinetuneConfig, Trainer
 
     ts = [int(t) for t in ts]
     if not ts or any(t < 0 for t in ts):
@@ -80,8 +80,8 @@ def min_t_sweep(
                                     **{k: v for k, v in cfg.items() if k in keep}).resolved()
             m.eval()
             trainer = Trainer(m, config, stats, m.device)
-            stream = FactStream([fact], m.tokenizer, batch_size=config.batch_size, steps_per_fact=config.steps_per_fact,
-                                composition=config.composition, seed=config.seed)
+            stream = Stream([fact], m.tokenizer, batch_size=config.batch_size, steps_per_item=config.steps_per_fact,
+                            composition=config.composition, seed=config.seed)
             for step in range(len(stream)):
                 batch = {k: v.to(m.device) for k, v in stream.batch(step).items()}
                 loss = trainer.step(batch, step)[0]

@@ -213,11 +213,11 @@ def step_table(run: Run, step: int, layer: int | None = None) -> pd.DataFrame:
 
 def step_slot_counts(run: Run, step: int, model: MemoryModel, facts: Sequence[Fact], layer: int | None = None) -> np.ndarray:
     """Reads per slot of memory block `layer` in run step `step` (1-based), recomputed: the step's batch
-    is rebuilt with `FactStream` from the run's config and `facts` (the run's stream facts, by id), and
+    is rebuilt with `Stream` from the run's config and `facts` (the run's stream facts, by id), and
     `model` — the run's base model, loaded fresh; it is changed in place — is put into its state before
     the step (`Run.rebuild(model, step - 1)`). `tfidf_table(counts, stats, layer, top_t=run top_t)` then
     reproduces the step's stored selection."""
-    from smviz.train.stream import FactStream
+    from smviz.train.stream import Stream
 
     run.check_model(model)
     if model.tokenizer is None:
@@ -226,12 +226,12 @@ def step_slot_counts(run: Run, step: int, model: MemoryModel, facts: Sequence[Fa
     if not 1 <= step <= n_steps:
         raise AnalysisError(f"run {run.path} has steps 1..{n_steps}, not {step}")
     by_id = {f.id: f for f in facts}
-    ids = run.identity["stream"]["facts"]
+    ids = run.identity["stream"]["ids"]
     missing = [i for i in ids if i not in by_id]
     if missing:
         raise AnalysisError(f"facts {missing[:5]} of run {run.path}'s stream were not given")
     cfg = run.config
-    stream = FactStream([by_id[i] for i in ids], model.tokenizer, batch_size=cfg["batch_size"],
-                        steps_per_fact=cfg["steps_per_fact"], composition=cfg["composition"], seed=cfg["seed"])
+    stream = Stream([by_id[i] for i in ids], model.tokenizer, batch_size=cfg["batch_size"],
+                    steps_per_item=cfg["steps_per_fact"], composition=cfg["composition"], seed=cfg["seed"])
     run.rebuild(model, step - 1)
     return batch_slot_counts(model, stream.batch(step - 1), layer)

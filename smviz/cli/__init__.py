@@ -21,6 +21,7 @@ DEVICE_HELP = "auto (CUDA when available), cpu, cuda or cuda:N"
 
 def build_parser() -> argparse.ArgumentParser:
     from smviz.data.formats import format_names
+    from smviz.data.prompts import PROMPT_FORMATS
     from smviz.memory import MemoryConfig
     from smviz.model import PRESETS
     from smviz.train import FinetuneConfig
@@ -129,25 +130,42 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "finetune",
-        help="learn a stream of new facts with sparse memory finetuning, an ablation, full finetuning or LoRA",
-        description="Facts arrive one at a time: each step trains on --batch-size paraphrases of one fact, "
-        "--steps-per-fact steps per fact. Learning (held-out questions of the facts seen) and forgetting "
-        "(known facts, held-out NLL) are evaluated at the start, every --eval-every steps and at the end. "
+        help="learn a stream (facts, documents, QA lines or editing records) with sparse memory finetuning, an ablation, full finetuning or LoRA",
+        description="Items arrive one at a time: each step trains on --batch-size rows of one item (a fact's paraphrases, "
+        "a document's windows, a Q/A line, an edit's rewrite prompt), --steps-per-fact steps per item. Learning (held-out "
+        "questions of the facts seen, or --learn-eval), editing metrics for editing records, and forgetting (known facts, "
+        "--forget-eval probes, held-out NLL) are evaluated at the start, every --eval-every steps and at the end. "
         "An interrupted run resumes when the same command is run again. Flags left out take FinetuneConfig's defaults.",
     )
     p.add_argument("--model", required=True, help="model directory (sparse needs its slot_stats.safetensors: smviz stats)")
     p.add_argument("--out", required=True, help="run directory, e.g. WS/runs/NAME")
-    p.add_argument("--workspace", default="workspace", help="workspace whose data/ gives the default --facts, --known, --heldout")
+    p.add_argument("--workspace", default="workspace", help="workspace whose data/ gives the default --stream, --known, --heldout")
     names = add_config_flags(p, FinetuneConfig)
-    p.add_argument("--facts", default=None, help="the stream's facts (default WS/data/facts-new.jsonl)")
-    p.add_argument("--max-facts", type=int, default=None, help="use N facts of --facts (from --first-fact on)")
-    p.add_argument("--first-fact", type=int, default=0, help="number of the stream's first fact in --facts (default 0)")
+    p.add_argument("--stream", "--facts", dest="stream", default=None, metavar="FILE",
+                   help="what is learned: facts (smviz or simple), documents, qa, counterfact, zsre or edits records, "
+                        "detected by content (default WS/data/facts-new.jsonl)")
+    p.add_argument("--stream-format", default=None, metavar="FORMAT",
+                   help=f"the stream file's format: {', '.join(format_names())} (default: detected from its content)")
+    p.add_argument("--max-facts", type=int, default=None, help="use N items of --stream (from --first-fact on)")
+    p.add_argument("--first-fact", type=int, default=0, help="number of the stream's first item in --stream (default 0)")
     p.add_argument("--background", default="pretraining", choices=["pretraining", "stream"],
                    help="what sparse ranks slots against: the model's slot_stats.safetensors (default) or the stream's own batches")
-    p.add_argument("--known", default=None, help="known facts for forgetting (default WS/data/facts-known.jsonl)")
+    p.add_argument("--learn-eval", default=None, metavar="QA_FILE",
+                   help="a qa file that measures learning (default: the stream facts' held-out questions; "
+                        "needed for documents and qa streams)")
+    p.add_argument("--forget-eval", action="append", default=[], metavar="NAME=QA_FILE",
+                   help="a named qa file that measures forgetting (repeatable: each probe is reported)")
+    p.add_argument("--known", default=None,
+                   help="known facts for forgetting (default WS/data/facts-known.jsonl when it exists)")
     p.add_argument("--known-facts", type=int, default=100, help="how many known facts are asked")
-    p.add_argument("--heldout", default=None, help="held-out corpus for NLL (default WS/data/corpus-heldout.jsonl)")
+    p.add_argument("--heldout", default=None, metavar="TEXT_FILE",
+                   help="held-out text for NLL: a corpus or documents JSONL file, or plain text "
+                        "(default WS/data/corpus-heldout.jsonl when it exists)")
     p.add_argument("--heldout-rows", type=int, default=64, help="rows of 128 tokens of held-out text")
+    p.add_argument("--prompt-format", default="qa", choices=PROMPT_FORMATS,
+                   help="how questions are put to the model: qa ('Question: ...\\nAnswer:'), completion (the text as is) "
+                        "or chat (the tokenizer's chat template; for chat-tuned models). Editing prompts are completions, "
+                        "or chat with chat")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="FinetuneConfig fields as KEY=VALUE, e.g. lora_rank=16")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", action="store_true", help="print summary.json")

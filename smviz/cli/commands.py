@@ -91,24 +91,52 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from smviz.device import resolve_device
     from smviz.train import FinetuneConfig
     from smviz.workspace import Workspace
-    from smviz.workspace.stages import run_finetune
+    from smviz.workspace.stages import parse_probes, run_finetune
 
     ws = Workspace(args.workspace)
     config = config_from_flags(FinetuneConfig(), args, args.config_flags, args.set)
+
+    def existing(path: Any) -> Any:  # a workspace default that is there
+        return path if path.is_file() else None
+
     summary = run_finetune(
-        args.model, args.out, config, facts=args.facts or ws.facts("new"), known=args.known or ws.facts("known"),
-        heldout=args.heldout or ws.corpus("heldout"), max_facts=args.max_facts, first_fact=args.first_fact,
-        background=args.background, known_facts=args.known_facts, heldout_rows=args.heldout_rows,
-        device=resolve_device(args.device),
+        args.model, args.out, config, stream=args.stream or ws.facts("new"), stream_format=args.stream_format,
+        known=args.known or existing(ws.facts("known")), heldout=args.heldout or existing(ws.corpus("heldout")),
+        learn_eval=args.learn_eval, forget_eval=parse_probes(args.forget_eval), prompt_format=args.prompt_format,
+        max_facts=args.max_facts, first_fact=args.first_fact, background=args.background, known_facts=args.known_facts,
+        heldout_rows=args.heldout_rows, device=resolve_device(args.device),
     )
     if args.json:
         print_json(summary)
         return
-    m = summary["metrics"]
-    print(f"{summary['method']}: {summary['facts']} facts, {summary['steps']} steps -> {args.out} (model {summary['model_hash']})")
-    print(f"  learning EM  {m['learning_em']['start']:.3f} -> {m['learning_em']['end']:.3f}")
-    print(f"  known EM     {m['known_em']['start']:.3f} -> {m['known_em']['end']:.3f} (relative drop {m['known_em']['relative_drop'] or 0:.1%})")
-    print(f"  held-out NLL {m['heldout_nll']['start']:.3f} -> {m['heldout_nll']['end']:.3f}")
+    noun = {"qa": "Q/A lines"}.get(summary["stream"]["kind"], summary["stream"]["kind"])  # facts, documents, edits
+    print(f"{summary['method']}: {summary['facts']} {noun}, {summary['steps']} steps -> {args.out} "
+          f"(model {summary['model_hash']})")
+    for line in summary_lines(summary["metrics"]):
+        print(f"  {line}")
+
+
+def summary_lines(m: dict[str, Any]) -> list[str]:
+    """A run's metrics, one line each, for what was measured."""
+
+    def num(x: float | None) -> str:
+        return "—" if x is None else f"{x:.3f}"
+
+    lines = []
+    if m["learning_em"]["end"] is not None:
+        lines.append(f"learning EM  {num(m['learning_em']['start'])} -> {num(m['learning_em']['end'])}")
+    for name, e in m.get("editing", {}).items():
+        lines.append(f"{name:<20} {num(e['start'])} -> {num(e['end'])}")
+    if m["known_em"]["start"] is not None:
+        drop = m["known_em"]["relative_drop"]
+        lines.append(f"known EM     {num(m['known_em']['start'])} -> {num(m['known_em']['end'])} "
+                     f"(relative drop {'—' if drop is None else f'{drop:.1%}'})")
+    for name, probe in m.get("forget", {}).items():
+        e = probe["em"]
+        lines.append(f"{name} EM {num(e['start'])} -> {num(e['end'])}")
+    if m["heldout_nll"]["start"] is not None:
+        lines.append(f"held-out NLL {num(m['heldout_nll']['start'])} -> {num(m['heldout_nll']['end'])}")
+    return lines
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:

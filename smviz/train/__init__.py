@@ -1,5 +1,5 @@
 """Training: pretraining a memory model from scratch (`PretrainConfig`, `pretrain`, `recipe`) and continual
-finetuning on a stream of facts (`FinetuneConfig`, `FactStream`, `finetune`, the public `Trainer`), with
+finetuning on a stream of facts (`FinetuneConfig`, `Stream`, `finetune`, the public `Trainer`), with
 the method registry (`register_method`, `get_method`, `method_names`) and the selection-rule registry
 (`register_rule`, `get_rule`, `rule_names`), the learning/forgetting protocol (`EvalSets`), and the one
 reader/writer of run directories (`smviz.train.rundir`)."""
@@ -11,11 +11,11 @@ from smviz.train.pretrain import PretrainConfig, pretrain, recipe
 from smviz.evaluate.protocol import EvalSets, evaluate_point, summarize
 from smviz.train.rundir import FinetuneRunDir, PretrainRunDir
 from smviz.train.selection import RowSelector, Selection, SelectionRule, get_rule, register_rule, rule_names
-from smviz.train.stream import BACKGROUNDS, COMPOSITIONS, FactStream, stream_stats
+from smviz.train.stream import BACKGROUNDS, COMPOSITIONS, Stream, stream_stats
 from smviz.train.trainer import StepResult, Trainer
 
 __all__ = [
-    "BACKGROUNDS", "COMPOSITIONS", "EvalSets", "FactStream", "FinetuneConfig", "FinetuneRunDir", "Method", "PretrainConfig",
+    "BACKGROUNDS", "COMPOSITIONS", "EvalSets", "Stream", "FinetuneConfig", "FinetuneRunDir", "Method", "PretrainConfig",
     "PretrainRunDir", "RowSelector", "Selection", "SelectionRule", "StepResult", "Trainer", "evaluate_point", "finetune",
     "get_method", "get_rule", "method_names", "pretrain", "recipe", "register_method", "register_rule",
     "rule_names", "stream_stats", "summarize",

@@ -1,7 +1,7 @@
-"""Continual finetuning of a memory model on a stream of facts: `finetune` runs any registered method
-(sparse memory finetuning, Lin et al. 2025, §4, and its ablations, full finetuning, LoRA) over a
-`FactStream` with one `Trainer`, evaluates with one protocol (`smviz.train.protocol`) and writes one
-run-directory format (`smviz.train.rundir`), with exact resume.
+"""Continual finetuning of a memory model on a stream (facts, documents, QA lines or editing records):
+`finetune` runs any registered method (sparse memory finetuning, Lin et al. 2025, §4, and its
+ablations, full finetuning, LoRA) over a `Stream` with one `Trainer`, evaluates with one protocol
+(`smviz.evaluate.protocol`) and writes one run-directory format (`smviz.train.rundir`), with exact resume.
 
 The model runs in eval mode while it trains (no dropout in the presets, normalisation statistics
 frozen, no usage-balancing loss), so a value-row step changes nothing but its rows. A loss that turns
@@ -14,13 +14,12 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from smviz.data.facts import Fact
+from smviz.data.formats.canonical import canonical_dict
 from smviz.errors import ConfigError, RunError
 from smviz.evaluate.protocol import EvalSets, evaluate_point, summarize
 from smviz.io import json_text
@@ -29,14 +28,14 @@ from smviz.stats import SlotStats
 from smviz.train.config import FinetuneConfig
 from smviz.train.rundir import OPTIMIZER, RUN_FORMAT, TRAINABLE, FinetuneRunDir
 from smviz.train.selection import Selection
-from smviz.train.stream import FactStream
+from smviz.train.stream import Stream
 from smviz.train.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
 def finetune(
     model: MemoryModel,
-    stream: FactStream,
+    stream: Stream,
     *,
     config: FinetuneConfig,
     run_dir: str | os.PathLike,
@@ -59,7 +58,7 @@ def finetune(
         "config": config.to_dict(),
         "base_model_hash": model.model_hash,
         "stats": None if stats is None else {"model_hash": stats.model_hash, "unit": stats.unit, "protocol": stats.protocol},
-        "stream": {"facts": [f.id for f in stream.facts], "fingerprint": facts_fingerprint(stream.facts)},
+        "stream": {**stream.describe(), "ids": [item.id for item in stream.items], "fingerprint": items_fingerprint(stream)},
         "evaluation": eval_sets.describe(),
     }
     existing = run.identity()
@@ -71,6 +70,7 @@ def finetune(
     if summary is not None:
         return summary
     run.write_identity(identity)
+    run.write_stream([canonical_dict(stream.kind, item) for item in stream.items])
 
     device = model.device
     model.eval()  # see module docstring: frozen normalisation statistics, no dropout, no aux loss
@@ -88,15 +88,14 @@ def finetune(
         for step in range(start, n_steps):
             batch = {k: v.to(device) for k, v in stream.batch(step).items()}
             loss, selections, grad_norms = trainer.step(batch, step)
-            fact = stream.fact(step)
-            steps_rows += step_rows(step + 1, fact.id, stream.fact_index(step), loss, selections, grad_norms)
+            steps_rows += step_rows(step + 1, stream.item(step).id, stream.item_index(step), loss, selections, grad_norms)
             if trainer.trains_rows:
                 run.write_delta(step + 1, trainer.delta(selections))
             bar.set_postfix(loss=f"{loss:.3f}", selected=sum(len(s.rows) for s in selections.values()))
             bar.update()
             done, done_now = step + 1, done_now + 1
             if done % config.eval_every == 0 or done == n_steps:
-                seen = stream.fact_index(step) + 1
+                seen = stream.item_index(step) + 1
                 run.append_metrics({"step": done, **evaluate_point(model, eval_sets, seen)})
                 run.write_steps(steps_rows)
                 layout, tensors = trainer.state()
@@ -116,7 +115,8 @@ def finetune(
         "base_model_hash": identity["base_model_hash"],
         "model_hash": final_hash,
         "steps": n_steps,
-        "facts": len(stream.facts),
+        "facts": len(stream.items),  # stream items (facts, documents, QA lines or editing records)
+        "stream": stream.describe(),
         "composition": config.composition,
         "config": config.to_dict(),
         "metrics": summarize(records[0], records[-1]),
@@ -162,8 +162,9 @@ def check_inputs(model: MemoryModel, config: FinetuneConfig, stats: SlotStats | 
         stats.check_model(model)
 
 
-def facts_fingerprint(facts: Sequence[Fact]) -> str:
-    text = "\n".join(json.dumps(f.to_dict(), sort_keys=True) for f in facts)
+def items_fingerprint(stream: Stream) -> str:
+    """A hash of the stream's items, in their canonical form."""
+    text = "\n".join(json.dumps(canonical_dict(stream.kind, item), sort_keys=True) for item in stream.items)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -5,6 +5,8 @@ is atomic (or, for metrics.jsonl, an fsynced append whose torn last line readers
 Finetuning run directory (format `smviz-finetune/1`):
     config.json      the run's identity: the effective FinetuneConfig, base model hash, background-
                      statistics protocol, the stream, the evaluation protocol and its sources (sha256)
+    stream.jsonl     the stream's items in their canonical form (`smviz.data.formats.canonical`), in order:
+                     what the app and reports show of the run's facts, documents, QA lines or edits
     metrics.jsonl    one line per evaluation (step 0 = before training, every eval_every steps, the end)
     steps.parquet    per step and memory layer (STEP_SCHEMA): fact, loss, distinct slots read, gradient
                      norm, the selected slots with their TF, DF and score (empty lists for full / LoRA)
@@ -49,7 +51,7 @@ STEP_SCHEMA = pa.schema([
     ("tf", pa.list_(pa.float32())), ("df", pa.list_(pa.int32())), ("score", pa.list_(pa.float32())),
 ])
 
-CONFIG, METRICS, SUMMARY, STEPS = "config.json", "metrics.jsonl", "summary.json", "steps.parquet"
+CONFIG, METRICS, SUMMARY, STEPS, STREAM = "config.json", "metrics.jsonl", "summary.json", "steps.parquet", "stream.jsonl"
 DELTAS, CHECKPOINTS, STATE, MODEL, CHECKPOINT = "deltas", "checkpoints", "state", "model", "checkpoint"
 TRAINER, OPTIMIZER, TRAINABLE = "trainer.json", "optimizer", "trainable"  # state files (tensors: NAME.safetensors)
 
@@ -126,6 +128,14 @@ class FinetuneRunDir:
     def write_identity(self, identity: dict[str, Any]) -> None:
         ensure_dir(self.path)
         write_json_atomic(self.path / CONFIG, identity)
+
+    def write_stream(self, records: list[dict[str, Any]]) -> None:
+        """stream.jsonl: the stream's items as canonical JSON objects, in stream order."""
+        write_text_atomic(self.path / STREAM, "".join(json_text(r, indent=None) + "\n" for r in records))
+
+    def stream(self) -> list[dict[str, Any]]:
+        """stream.jsonl's objects (empty for runs written before it existed)."""
+        return read_jsonl(self.path / STREAM)
 
     def read_identity(self) -> dict[str, Any]:
         """config.json of a run, checked: a RunError when this is not a finetuning run directory."""

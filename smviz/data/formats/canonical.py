@@ -9,10 +9,24 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from smviz.data.edits import EditRecord
 from smviz.data.facts import write_facts
+from smviz.data.formats.qa import QAItem
 from smviz.data.formats.registry import KINDS
+from smviz.data.schema import Document, Fact
 from smviz.errors import ConfigError
 from smviz.io import atomic_open, json_text
+
+
+_KIND_OF = {Fact: "facts", QAItem: "qa", Document: "documents", EditRecord: "edits"}
+
+
+def record_kind(record: Any) -> str:
+    """The kind of data (one of KINDS) a canonical record holds."""
+    try:
+        return _KIND_OF[type(record)]
+    except KeyError:
+        raise ConfigError(f"a {type(record).__name__} is not a canonical record (Fact, QAItem, Document or EditRecord)") from None
 
 
 def canonical_dict(kind: str, record: Any) -> dict[str, Any]:

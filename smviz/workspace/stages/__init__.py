@@ -8,7 +8,7 @@ from __future__ import annotations
 from smviz.workspace.stages.base import Plan, Stage, check_length, max_positions
 from smviz.workspace.stages.data import WorkspaceData, build_data, ensure_tokenizer, load_data
 from smviz.workspace.stages.demo import DEMO_STAGES, THRESHOLDS, format_thresholds, run_demo, threshold_checks
-from smviz.workspace.stages.finetune import run_finetune
+from smviz.workspace.stages.finetune import parse_probes, run_finetune
 from smviz.workspace.stages.models import build_model_dir, check_model_path, model_info
 from smviz.workspace.stages.pretrain import (
     evaluate_model_dir,
@@ -33,7 +33,7 @@ __all__ = [
     "BACKGROUND_STEP_OFFSET", "DEFAULT_BACKGROUND_BATCHES", "DEMO_STAGES", "THRESHOLDS", "Plan", "Stage",
     "WorkspaceData", "background_stats", "build_data", "build_model_dir", "check_length", "check_model_path",
     "ensure_tokenizer", "evaluate_model_dir", "evaluate_pretrained", "evaluate_workspace_model", "format_thresholds",
-    "heldout_rows", "load_data", "make_report", "make_stream", "max_positions", "model_info", "periodic_evaluator",
+    "heldout_rows", "load_data", "make_report", "make_stream", "max_positions", "model_info", "parse_probes", "periodic_evaluator",
     "pretrain_config_of", "run_demo", "run_finetune", "run_pretraining", "stats_path", "threshold_checks",
     "typed_pretrain_config",
 ]
