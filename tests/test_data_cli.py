@@ -73,3 +73,24 @@ def test_bad_input_is_one_line_and_leaves_the_output_unchanged(tmp_path, capsys)
     assert err == (f"smviz data convert: error: {src}, record 2: requested_rewrite.prompt 'Toko Yasuda, the' "
                    "has no '{}' where the subject goes\n")
     assert out.read_text() == "previous\n" and sorted(p.name for p in tmp_path.iterdir()) == ["counterfact.json", "out.jsonl"]
+
+
+def test_label_entities_fills_missing_labels_with_spacy_and_keeps_given_ones(tmp_path, capsys):
+    """Plain-string entities get spaCy's NER label: the one it gives the text in the fact's statements
+    ("Ada Lovelace" PERSON, "London" GPE there), else the text's own label when spaCy reads it whole as one
+    entity ("Paris", not in any statement), else none ("blue sky"); a given label is kept."""
+    fact = {"id": "ada", "subject": "Ada Lovelace", "relation": "birthplace", "answer": "London",
+            "statements": ["Ada Lovelace was born in London in 1815.", "London is where Ada Lovelace was born."],
+            "questions": ["Where was Ada Lovelace born?"],
+            "entities": ["Ada Lovelace", "London", "Paris", "blue sky", {"text": "1815", "label": "YEAR"}]}
+    src, out = write_jsonl(tmp_path / "facts.jsonl", [fact]), tmp_path / "labelled.jsonl"
+    assert main(["data", "convert", str(src), "--out", str(out), "--label-entities"]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1] == "entity labels from spaCy: 2 from the statements, 1 from the entity alone, 1 left unlabelled"
+    assert [(e.text, e.label) for e in read_facts(out)[0].entities] == [
+        ("Ada Lovelace", "PERSON"), ("London", "GPE"), ("Paris", "GPE"), ("blue sky", ""), ("1815", "YEAR")]
+    # only facts have entities to label; nothing is written
+    qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": "Who?", "answer": "Ada"}])
+    assert main(["data", "convert", str(qa), "--out", str(tmp_path / "qa-out.jsonl"), "--label-entities"]) == 2
+    assert "--label-entities labels the entities of facts" in capsys.readouterr().err
+    assert not (tmp_path / "qa-out.jsonl").exists()

@@ -212,4 +212,4 @@ def test_simple_facts_file_trains_and_evaluates_with_no_conversion(tmp_path, cap
     assert [m["step"] for m in metrics] == [0, 1, 2]
     assert all("known_em" in m and "learn_em" in m for m in metrics), metrics[0].keys()
     identity = json.loads((out / "config.json").read_text())
-    assert identity["stream"]["facts"] == [f.id for f in data.world.new[:2]]
+    assert identity["stream"]["ids"] == [f.id for f in data.world.new[:2]] and identity["stream"]["kind"] == "facts"

@@ -219,6 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, help="canonical JSONL file to write, e.g. facts.jsonl")
     d.add_argument("--format", default=None,
                    help=f"the input's format: {', '.join(format_names())} (default: detected from its content)")
+    d.add_argument("--label-entities", action="store_true",
+                   help="facts only: give entities without a label (plain strings) spaCy's NER label, read in the fact's statements")
+    d.add_argument("--spacy-model", default=None,
+                   help="the spaCy pipeline for --label-entities (default: the installed en_core_web_sm)")
     d.set_defaults(run=commands.cmd_data_convert)
 
     p = sub.add_parser("app", help="browse a workspace in the Streamlit app (local only unless --host says otherwise)")

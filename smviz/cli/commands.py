@@ -109,8 +109,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     if args.json:
         print_json(summary)
         return
-    noun = {"qa": "Q/A lines"}.get(summary["stream"]["kind"], summary["stream"]["kind"])  # facts, documents, edits
-    print(f"{summary['method']}: {summary['facts']} {noun}, {summary['steps']} steps -> {args.out} "
+    from smviz.data.formats import KIND_NOUNS
+
+    print(f"{summary['method']}: {summary['facts']} {KIND_NOUNS[summary['stream']['kind']]}, {summary['steps']} steps -> {args.out} "
           f"(model {summary['model_hash']})")
     for line in summary_lines(summary["metrics"]):
         print(f"  {line}")
@@ -215,9 +216,20 @@ def cmd_data_convert(args: argparse.Namespace) -> None:
     from smviz.data.formats.canonical import write_canonical
 
     fmt, records = read_data(args.input, args.format)  # bad input fails here, before anything is written
+    labelled = None
+    if args.label_entities:
+        if fmt.kind != "facts":
+            raise ConfigError(f"--label-entities labels the entities of facts, and {args.input} holds {fmt.kind} ({fmt.name})")
+        from smviz.analysis.entities import load_pipeline
+        from smviz.analysis.entity_labels import describe_counts, label_entities
+
+        records, counts = label_entities(records, load_pipeline(args.spacy_model))
+        labelled = describe_counts(counts)
     write_canonical(args.out, fmt.kind, records)
     noun = "record" if len(records) == 1 else "records"
     print(f"{args.input}: format {fmt.name} ({fmt.kind}), {len(records):,} {noun} -> {args.out}")
+    if labelled:
+        print(labelled)
 
 
 def cmd_app(args: argparse.Namespace) -> None:

@@ -18,6 +18,8 @@ from typing import Any
 from smviz.errors import ConfigError, InputError
 
 KINDS = ("facts", "qa", "documents", "edits")
+KIND_NOUNS = {"facts": "facts", "qa": "Q/A items", "documents": "documents", "edits": "editing records"}
+"""How messages name the records of each kind."""
 MAX_LINE_CHARS = 1_000_000
 """A longer JSONL line is refused (a whole corpus on one line is almost always a mistake)."""
 

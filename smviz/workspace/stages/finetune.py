@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from smviz.data.facts import read_facts
-from smviz.data.formats import read_data
+from smviz.data.formats import KIND_NOUNS, read_data
 from smviz.data.formats.registry import read_text
 from smviz.data.prompts import get_prompt_format
 from smviz.data.tokenizer import pack_documents
@@ -80,8 +80,8 @@ def run_finetune(
     if not stream_items:
         raise InputError(f"{stream} holds {len(items)} records, none from number {first_fact} on; the stream needs at least one")
     if fmt.kind in ("qa", "documents") and learn_eval is None:
-        raise ConfigError(f"{stream} is a {fmt.kind} file ({fmt.name}): used as a stream it has no held-out questions of "
-                          "its own; give the QA file that measures what it teaches with --learn-eval QA_FILE")
+        raise ConfigError(f"{stream} holds {KIND_NOUNS[fmt.kind]} (format {fmt.name}): as a stream they have no held-out "
+                          "questions of their own; give the QA file that measures what they teach with --learn-eval QA_FILE")
     learn = None if learn_eval is None else read_qa(learn_eval, "--learn-eval")
     probes = read_probes(forget_eval or {})
     known_list = [] if known is None else read_facts(known)[:known_facts]
@@ -126,7 +126,7 @@ def read_qa(path: str | os.PathLike, flag: str) -> list[Any]:
     """The QA items of an evaluation file (format `qa`); another kind of file is refused, naming `flag`."""
     fmt, items = read_data(path)
     if fmt.kind != "qa":
-        raise InputError(f"{path} is a {fmt.kind} file ({fmt.name}); {flag} takes a qa file "
+        raise InputError(f"{path} holds {KIND_NOUNS[fmt.kind]} (format {fmt.name}); {flag} takes a qa file "
                          '({"question", "answer"} or {"question", "answers": [...]} per line)')
     if not items:
         raise InputError(f"{path} holds no questions")
