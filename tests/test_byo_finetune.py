@@ -173,3 +173,31 @@ def test_each_bad_input_is_one_line_naming_the_file_and_writes_nothing(ws, capsy
         assert err.startswith("smviz finetune: error: ") and err.count("\n") == 1, (flags, err)
         assert message in err, (flags, err)
         assert not out.exists(), flags
+
+
+def test_chat_prompt_format_trains_and_asks_in_the_models_chat_template(ws, tmp_path, capsys):
+    from smviz.data.prompts import get_prompt_format
+    from smviz.train.stream import Stream
+
+    model = MemoryModel.from_pretrained(ws.model("micro"))
+    model.tokenizer.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                                     "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    model.save_pretrained(tmp_path / "chat-model")
+    qa = write_jsonl(tmp_path / "qa.jsonl", QA_A)
+    out = tmp_path / "run"
+    args = ["finetune", "--model", str(tmp_path / "chat-model"), "--out", str(out), "--workspace", str(ws.root),
+            "--stream", str(qa), "--learn-eval", str(qa), "--prompt-format", "chat", "--method", "full", "--batch-size", "2",
+            "--steps-per-fact", "1", "--heldout-rows", "1", "--known-facts", "2", "--device", "cpu", "--json"]
+    assert main(args) == 0, capsys.readouterr().err
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["stream"] == {"kind": "qa", "prompt_format": "chat"} and summary["protocol"]["prompt_format"] == "chat"
+    # what was trained: the template's user turn and assistant answer, then end-of-text
+    tok = MemoryModel.from_pretrained(tmp_path / "chat-model").tokenizer
+    text = "<|user|>Where was Ada born?\n<|assistant|>Paris\n"
+    assert get_prompt_format("chat").training_text(tok, "Where was Ada born?", "Paris") == text
+    _, items = read_data(qa)
+    row = Stream(items, tok, batch_size=1, prompt_format="chat").rows(0)[0]
+    assert list(row.ids) == tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    # what was asked: the template's generation prompt; the learning numbers are those of that protocol
+    end = qa_metrics(answer_qa_items(MemoryModel.from_pretrained(out / "model"), items, prompt_format="chat"))
+    assert summary["metrics"]["learning_f1"]["end"] == pytest.approx(end["f1"])
