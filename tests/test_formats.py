@@ -213,3 +213,13 @@ def test_simple_facts_file_trains_and_evaluates_with_no_conversion(tmp_path, cap
     assert all("known_em" in m and "learn_em" in m for m in metrics), metrics[0].keys()
     identity = json.loads((out / "config.json").read_text())
     assert identity["stream"]["ids"] == [f.id for f in data.world.new[:2]] and identity["stream"]["kind"] == "facts"
+
+
+def test_a_facts_file_expected_but_another_kind_given_names_what_it_holds(tmp_path):
+    qa = write_lines(tmp_path / "qa.jsonl", [{"question": "Where was Ada born?", "answer": "London"}])
+    with pytest.raises(InputError) as e:
+        read_facts(qa)
+    assert str(e.value) == f"{qa} holds Q/A items (format qa), not facts; a facts file is expected here (formats smviz or simple)"
+    docs = write_lines(tmp_path / "docs.jsonl", [{"id": "d", "text": "Ada was born in London."}])
+    with pytest.raises(InputError, match=r"docs.jsonl holds documents \(format documents\), not facts"):
+        read_facts(docs)

@@ -20,9 +20,9 @@ import os
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from smviz.data.formats import detect_kind, get_format, load_records
+from smviz.data.formats import KIND_NOUNS, data_formats, detect_kind, get_format, load_records
 from smviz.data.schema import ENTITY_SHAPE, QUESTION_SHAPE, Entity, Fact, Question
-from smviz.errors import ConfigError
+from smviz.errors import ConfigError, InputError
 from smviz.io import atomic_open, json_text
 
 __all__ = ["ENTITY_SHAPE", "QUESTION_SHAPE", "Entity", "Fact", "FactDocId", "Question", "QA_PROMPT", "QUESTION",
@@ -83,6 +83,10 @@ def read_facts(path: str | os.PathLike, format: str | None = None) -> list[Fact]
         return []
     if format is None:
         fmt = detect_kind(records, "facts", default="smviz")
+        other = next((f for f in data_formats() if f.kind != "facts" and f.sniff(records)), None)
+        if other is not None and not fmt.sniff(records):
+            raise InputError(f"{path} holds {KIND_NOUNS[other.kind]} (format {other.name}), not facts; a facts file is "
+                             "expected here (formats smviz or simple)")
     else:
         fmt = get_format(format)
         if fmt.kind != "facts":

@@ -15,6 +15,7 @@ from smviz.data.formats.registry import (
     MAX_LINE_CHARS,
     DataFormat,
     Records,
+    data_formats,
     detect,
     detect_kind,
     format_names,
@@ -26,7 +27,7 @@ from smviz.data.formats.registry import (
 
 from smviz.data.formats import counterfact, documents, qa, simple, smviz_edits, smviz_facts, zsre  # noqa: E402 (after the registry)
 
-__all__ = ["KIND_NOUNS", "KINDS", "MAX_LINE_CHARS", "DataFormat", "Records", "detect", "detect_kind", "format_names", "get_format",
+__all__ = ["KIND_NOUNS", "KINDS", "MAX_LINE_CHARS", "DataFormat", "Records", "data_formats", "detect", "detect_kind", "format_names", "get_format",
            "load_records", "read_data", "register_format"]
 
 for _module in (smviz_facts, simple, counterfact, zsre, smviz_edits, qa, documents):

@@ -73,6 +73,11 @@ def format_names() -> tuple[str, ...]:
     return tuple(_FORMATS)
 
 
+def data_formats() -> tuple[DataFormat, ...]:
+    """The registered formats, in detection order."""
+    return tuple(_FORMATS.values())
+
+
 def read_text(path: str | os.PathLike) -> tuple[bytes, str]:
     """The bytes of the file at `path` and their text; InputError naming the file (and the line of the
     first byte that is not UTF-8) otherwise."""
