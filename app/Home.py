@@ -57,8 +57,8 @@ if run_names:
     for name in run_names:
         run = c.load_run(str(ws.run(name)))
         s = run.summary or {}
-        rows.append({"run": name, "method": run.method, "finished": run.summary is not None, "steps": s.get("steps"),
-                     "facts": s.get("facts"), "top_t": run.config.get("top_t"), "base model": c.base_model(ws, run.base_model_hash) or run.base_model_hash})
+        rows.append({"run": name, "method": run.method, "stream": run.stream, "finished": run.summary is not None, "steps": s.get("steps"),
+                     "items": s.get("facts"), "top_t": run.config.get("top_t"), "base model": c.base_model(ws, run.base_model_hash) or run.base_model_hash})
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="runs_table")
 else:
     missing = True

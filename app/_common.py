@@ -1,6 +1,6 @@
 """Shared loading and caching for the smviz Streamlit app: the workspace from `SMVIZ_WORKSPACE`, cached
-traces, indices, runs, models and statistics, and the escaped HTML of a highlighted context. Nothing
-here analyses: every number comes from `smviz` library functions."""
+traces, indices, runs (and the items of their streams), models and statistics, and the escaped HTML of
+a highlighted context. Nothing here analyses: every number comes from `smviz` library functions."""
 
 from __future__ import annotations
 
@@ -151,6 +151,31 @@ def load_facts(data_dir: str) -> dict[str, Any]:
     for path in sorted(Path(data_dir).glob(FACTS_GLOB)):
         for fact in read_facts(path):
             out.setdefault(fact.id, fact)
+    return out
+
+
+@st.cache_resource(show_spinner="Reading the run's stream…")
+def load_run_facts(run_path: str) -> dict[str, Any]:
+    """{fact id: Fact} of a facts run's stream (stream.jsonl)."""
+    from smviz.data.schema import Fact
+
+    return {d["id"]: Fact.from_dict(d) for d in load_run(run_path).items}
+
+
+WORKSPACE_FACTS = "facts"
+"""The item source of the workspace's facts files (`item_sources`); a run's is "run:NAME"."""
+
+
+def item_sources(ws: Workspace, facts: dict[str, Any]) -> dict[str, str]:
+    """{source: label} of what the Fact page shows items of: the workspace's facts (`facts`), then each
+    run whose stream holds items they do not — another kind of data (QA, documents, edits) or facts
+    from another file."""
+    out = {WORKSPACE_FACTS: f"workspace facts ({len(facts)})"} if facts else {}
+    for name in runs(ws):
+        run = load_run(str(ws.run(name)))
+        items = run.items
+        if items and (run.stream != "facts" or any(d["id"] not in facts for d in items)):
+            out[f"run:{name}"] = f"run {name}: {len(items)} {run.stream}"
     return out
 
 

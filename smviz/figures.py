@@ -13,7 +13,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 __all__ = [
-    "access_histogram", "weight_histogram", "learning_curves", "overlap_heatmap", "churn_figure",
+    "access_histogram", "weight_histogram", "curve_panels", "learning_curves", "overlap_heatmap", "churn_figure",
     "tfidf_history", "value_norm_history", "promoted_tokens_figure", "token_slot_heatmap",
     "access_shift_figure", "fact_shift_figure", "entity_share_figure",
 ]
@@ -46,21 +46,45 @@ def weight_histogram(weights: np.ndarray | Sequence[float], *, slot: int | None 
     return fig
 
 
-def learning_curves(metrics: pd.DataFrame, *, by: str = "run") -> go.Figure:
-    """Learning (learn_f1) and forgetting (known_f1, heldout_nll) against the step, one line per value of
-    column `by` (a run name or method) on shared axes. `metrics`: `Run.metrics` rows, concatenated over
-    runs with a `by` column added."""
+CURVE_PANELS = (("learn_f1", "learning: F1 on new facts"), ("known_f1", "forgetting: F1 on known facts"),
+                ("heldout_nll", "forgetting: held-out NLL"))
+"""The fixed panels of `learning_curves`: (column, title)."""
+
+EDITING_PANELS = tuple((f"editing/{aspect}_{score}", f"editing: {aspect} ({'probability' if score == 'prob' else 'greedy match'})")
+                       for aspect in ("efficacy", "generalization", "locality") for score in ("prob", "em"))
+"""The editing panels of `learning_curves` (columns of `Run.metrics` of an editing stream)."""
+
+
+def curve_panels(metrics: pd.DataFrame) -> list[tuple[str, str]]:
+    """(column, title) of the panels `learning_curves` draws for `metrics`: learning F1, known-fact F1,
+    held-out NLL, the F1 of each named forgetting probe (forget/NAME/f1, in column order) and the six
+    editing metrics — each only when the column holds at least one measured value."""
+    probes = [(c, f"forgetting: F1 on probe {c.split('/')[1]}") for c in metrics.columns
+              if c.startswith("forget/") and c.endswith("/f1") and c.count("/") == 2]
+    return [(c, t) for c, t in (*CURVE_PANELS, *probes, *EDITING_PANELS) if c in metrics.columns and metrics[c].notna().any()]
+
+
+def learning_curves(metrics: pd.DataFrame, *, by: str = "run", columns: int = 3) -> go.Figure:
+    """Learning and forgetting against the step, one line per value of column `by` (a run name or method)
+    on shared axes, one panel per measured metric (`curve_panels`), `columns` panels a row. `metrics`:
+    `Run.metrics` rows, concatenated over runs with a `by` column added; a run that did not measure a
+    panel's metric has no line there."""
     _require(metrics, ["step", by], "learning_curves")
-    panels = [(c, t) for c, t in (("learn_f1", "learning: F1 on new facts"), ("known_f1", "forgetting: F1 on known facts"),
-                                  ("heldout_nll", "forgetting: held-out NLL")) if c in metrics.columns]
-    fig = make_subplots(rows=1, cols=max(len(panels), 1), subplot_titles=[t for _, t in panels], shared_xaxes=True)
+    panels = curve_panels(metrics)
+    cols = max(min(len(panels), columns), 1)
+    rows = max(-(-len(panels) // cols), 1)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[t for _, t in panels], shared_xaxes=True)
     colors = px.colors.qualitative.Plotly
     for i, (key, group) in enumerate(metrics.groupby(by, sort=False)):
+        legend = True
         for j, (col, _) in enumerate(panels):
+            if group[col].isna().all():
+                continue
             fig.add_trace(go.Scatter(x=group["step"], y=group[col], mode="lines+markers", name=str(key), legendgroup=str(key),
-                                     showlegend=j == 0, line=dict(color=colors[i % len(colors)])), row=1, col=j + 1)
+                                     showlegend=legend, line=dict(color=colors[i % len(colors)])), row=j // cols + 1, col=j % cols + 1)
+            legend = False
     fig.update_xaxes(title_text="step")
-    fig.update_layout(title="Learning and forgetting", **_LAYOUT)
+    fig.update_layout(title="Learning and forgetting", **_LAYOUT, **({"height": 320 * rows + 80} if rows > 1 else {}))
     return fig
 
 

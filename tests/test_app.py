@@ -14,16 +14,18 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 APP = Path(__file__).resolve().parents[1] / "app"
 XSS = "<script>alert(1)</script>"
+SUBJECT = f"Ada <b>Lovelace</b> & {XSS}"  # the edits run's first subject: shown as text, never markup
 
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from micro_workspace import build_micro_workspace, record
+    from micro_workspace import add_edits_run, build_micro_workspace, record
 
     ws = build_micro_workspace(tmp_path_factory.mktemp("app") / "ws")
     hostile = ws.root / "hostile.jsonl"
     hostile.write_text(json.dumps({"id": "x0", "text": " ".join([XSS] * 4)}) + "\n")
     record(ws, hostile, "xss")
+    add_edits_run(ws, "edits", subject=SUBJECT)
     return ws
 
 
@@ -65,6 +67,8 @@ def test_overview_lists_workspace_and_usage(monkeypatch, ws):
     runs = table(at, "run", "method").set_index("run")
     assert runs.loc["sparse", "method"] == "sparse" and runs.loc["full", "method"] == "full"
     assert runs.loc["sparse", "steps"] == 6
+    assert runs["stream"].to_dict() == {"edits": "edits", "full": "facts", "sparse": "facts"}
+    assert runs.loc["edits", "items"] == 3 and runs.loc["edits", "steps"] == 3  # one step per record
     at.selectbox(key="usage_source").set_value("trace: new").run()
     usage = new.usage(new.layers[0])
     metrics = {m.label: m.value for m in at.metric}
@@ -109,6 +113,8 @@ def test_slot_page_contexts_history_and_promoted(monkeypatch, ws):
     at.query_params["trace"] = "new"
     at.query_params["slot"] = str(slot)
     ok(at.run())
+    at.selectbox(key="run").set_value("sparse").run()  # the edits run comes first
+    ok(at)
     assert at.number_input(key="slot").value == slot and at.selectbox(key="trace").value == "new"
     assert any("Top contexts" in s.value for s in at.subheader)
     body = texts(at.markdown)
@@ -203,6 +209,46 @@ def test_fact_page(monkeypatch, ws):
     assert f"Ablating the {len(run.selected(by='fact')[fact_id])} selected slots" in texts(at.markdown)
 
 
+def test_fact_page_edit_record(monkeypatch, ws):
+    """An editing run's record: its fields as text (the markup in the subject shown literally), its
+    paraphrase and neighborhood prompts, its step and selected slots, its edit scores before and after."""
+    from smviz.analysis import Run
+    from smviz.data.edits import EditRecord
+    from smviz.evaluate import edit_scores
+    from smviz.model import MemoryModel
+
+    run = Run(ws.run("edits"))
+    record = EditRecord.from_dict(run.items[0])
+    assert record.subject == SUBJECT
+    at = ok(page(monkeypatch, ws, "Fact").run())
+    assert at.selectbox(key="source").options[0].startswith("workspace facts")  # the fact world first, as before
+    at.selectbox(key="source").set_value("run:edits").run()
+    ok(at)
+    assert at.selectbox(key="item").options == ["0", "1", "2"] and at.selectbox(key="item").value == "0"
+    shown = [t.value for t in at.text]
+    assert f"subject: {SUBJECT}" in shown
+    assert f"rewrite: The mother tongue of {SUBJECT} is" in shown
+    assert "edit: French → English" in shown
+    assert not any("<b>" in m.value for m in at.markdown) and not any("<b>" in h.value for h in at.subheader)
+    assert table(at, "paraphrase prompt")["paraphrase prompt"].tolist() == [f"{SUBJECT} spoke the language",
+                                                                             f"The native language of {SUBJECT} is"]
+    hood = table(at, "neighborhood prompt", "answer")
+    assert list(zip(hood["neighborhood prompt"], hood["answer"])) == [("The mother tongue of Léon Blum is", "French"),
+                                                                      ("The native language of Montesquieu is", "French")]
+    assert table(at, "loss", "accessed")["step"].tolist() == [1]  # steps_per_fact=1: record 0 is step 1
+    assert set(table(at, "slot", "score", "step")["slot"]) == set(run.selected(by="fact")["0"].tolist())
+    scores = table(at, "model", "efficacy_prob").set_index("model")
+    for name, model_dir in (("before", ws.model("micro")), ("after", run.model_dir)):
+        want = edit_scores(MemoryModel.from_pretrained(model_dir), [record], prompt_format="completion")[0]
+        assert scores.loc[name, "nll_new"] == pytest.approx(want["nll_new"]) and scores.loc[name, "efficacy_prob"] == want["efficacy_prob"]
+    assert scores.loc["before", "nll_new"] != pytest.approx(scores.loc["after", "nll_new"])  # training moved the target
+
+    at.selectbox(key="item").set_value("2").run()  # a record without neighborhood prompts
+    ok(at)
+    assert "subject: Toko Yasuda" in [t.value for t in at.text]
+    assert len(table(at, "neighborhood prompt", "answer")) == 0
+
+
 # ---------------------------------------------------------------- Entities
 
 
@@ -235,8 +281,10 @@ def test_steps_page(monkeypatch, ws):
 
     at = ok(page(monkeypatch, ws, "Steps").run())
     metrics = table(at, "learn_f1", "run")
-    assert set(metrics["run"]) == {"full (full)", "sparse (sparse)"}  # both methods on shared axes
-    assert at.selectbox(key="run").options == ["sparse"]
+    assert set(metrics["run"]) == {"edits (sparse)", "full (full)", "sparse (sparse)"}  # every run on shared axes
+    assert at.selectbox(key="run").options == ["edits", "sparse"]
+    at.selectbox(key="run").set_value("sparse").run()
+    ok(at)
     run = Run(ws.run("sparse"))
     shown = table(at, "churn", "jaccard", "n_new")
     np.testing.assert_allclose(shown["churn"].to_numpy(), churn(run)["churn"].to_numpy(), equal_nan=True)
@@ -246,6 +294,34 @@ def test_steps_page(monkeypatch, ws):
     got = [d.value for d in at.dataframe if list(d.value.columns) == list(want.columns)][0]
     np.testing.assert_allclose(got.to_numpy(), want.to_numpy())
     assert table(at, "n_facts", "n_steps")["slot"].iloc[0] >= 0
+
+
+def test_steps_page_probes_and_editing(monkeypatch, ws):
+    """The editing run's named probes and editing metrics: columns of the table (NaN in the fact runs'
+    rows) and panels of the curves, with the values of its metrics.jsonl."""
+    from micro_workspace import EDIT_PROBES
+
+    from smviz.train.rundir import FinetuneRunDir
+
+    at = ok(page(monkeypatch, ws, "Steps").run())
+    metrics = table(at, "run", "forget/books/f1", "forget/capitals/f1", "editing/efficacy_prob")
+    edits = metrics[metrics["run"] == "edits (sparse)"]
+    logged = FinetuneRunDir(ws.run("edits")).metrics()
+    assert edits["step"].tolist() == [r["step"] for r in logged] == [0, 1, 2, 3]
+    for probe in EDIT_PROBES:
+        for m in ("em", "f1", "n"):
+            assert edits[f"forget/{probe}/{m}"].tolist() == [r["forget"][probe][m] for r in logged]
+    assert edits["editing/locality_prob"].tolist() == [r["editing"]["locality_prob"] for r in logged]
+    assert edits["known_f1"].isna().all() and edits["heldout_nll"].isna().all()  # not measured, column kept
+    assert metrics[metrics["run"] != "edits (sparse)"]["forget/books/f1"].isna().all()
+    chart = next(ch for ch in at.get("plotly_chart") if ch.key == "curves_fig")
+    spec = json.loads(chart.proto.spec)
+    titles = [a["text"] for a in spec["layout"]["annotations"]]
+    assert titles[:3] == ["learning: F1 on new facts", "forgetting: F1 on known facts", "forgetting: held-out NLL"]
+    assert {"forgetting: F1 on probe books", "forgetting: F1 on probe capitals", "editing: efficacy (probability)",
+            "editing: locality (greedy match)"} <= set(titles)
+    lines = [t for t in spec["data"] if t["name"] == "edits (sparse)"]
+    assert len(lines) == 2 + 6  # two probes, six editing metrics; no known facts, no held-out NLL
 
 
 # ---------------------------------------------------------------- Diff

@@ -4,6 +4,7 @@ references in the HTML, hostile text escaped, bad input refused with nothing wri
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import re
 
@@ -17,6 +18,16 @@ def ws(tmp_path_factory):
     from micro_workspace import build_micro_workspace
 
     return build_micro_workspace(tmp_path_factory.mktemp("report") / "ws", stats_batches=10, trace=False)
+
+
+SUBJECT = "Ada <b>Lovelace</b> & <script>alert(1)</script>"  # the edits run's first subject
+
+
+@pytest.fixture(scope="module")
+def edits_run(ws):
+    from micro_workspace import add_edits_run
+
+    return add_edits_run(ws, "edits", subject=SUBJECT)
 
 
 def _diff_args(ws, out, facts=None, fmt="html"):
@@ -178,3 +189,83 @@ def test_diff_report_refuses_a_run_that_did_not_write_after(ws, tmp_path, capsys
     with pytest.raises(AnalysisError, match="ended with model"):
         build_diff_report(ws.model("micro"), ws.run("sparse") / "model", ws.data / "facts-new.jsonl",
                           ws.data / "facts-known.jsonl", run_dir=ws.run("full"))
+
+
+def _html_tables(page: str) -> list[list[dict[str, str]]]:
+    """Every <table> of a page as rows {header: cell text, unescaped}."""
+    out = []
+    for table in re.findall(r"<table>(.*?)</table>", page, re.S):
+        head = [html.unescape(h) for h in re.findall(r"<th>(.*?)</th>", table, re.S)]
+        rows = [[html.unescape(c) for c in re.findall(r"<td>(.*?)</td>", row, re.S)] for row in re.findall(r"<tr>(.*?)</tr>", table, re.S)]
+        out.append([dict(zip(head, r)) for r in rows if r])
+    return out
+
+
+def _shown(x) -> str:
+    """A number as the report shows it: 4 significant digits, — when not measured."""
+    return "—" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
+
+
+def test_run_report_of_an_editing_run(edits_run, tmp_path):
+    """Every named probe and the six editing metrics in the summary with summary.json's numbers; the
+    stream's edit records listed, their markup escaped (HTML and Markdown)."""
+    from micro_workspace import EDIT_PROBES
+
+    from smviz.analysis import Run
+
+    assert main(["report", "run", str(edits_run), "--out", str(tmp_path / "e.html")]) == 0
+    page = (tmp_path / "e.html").read_text()
+    rep = json.loads((tmp_path / "e.json").read_text())
+    run = Run(edits_run)
+    metrics = run.summary["metrics"]
+    tables = _html_tables(page)
+    summary = next({r["metric"]: r for r in t} for t in tables if t and "metric" in t[0] and "start" in t[0])
+    for probe in EDIT_PROBES:
+        for m in ("em", "f1"):
+            want = metrics["forget"][probe][m]
+            row = summary[f"forget/{probe}/{m}"]
+            assert (row["start"], row["end"], row["relative_drop"]) == tuple(_shown(want[k]) for k in ("start", "end", "relative_drop"))
+    editing = ("efficacy_prob", "efficacy_em", "generalization_prob", "generalization_em", "locality_prob", "locality_em")
+    assert set(metrics["editing"]) == set(editing)
+    for m in editing:
+        want = metrics["editing"][m]
+        row = summary[f"editing/{m}"]
+        assert (row["start"], row["end"], row["change"]) == (_shown(want["start"]), _shown(want["end"]), _shown(want["end"] - want["start"]))
+        assert {"metric": f"editing/{m}", **want} == next(r for r in rep["runs"][0]["summary"] if r["metric"] == f"editing/{m}")
+    assert summary["known_f1"]["start"] == "—" and summary["heldout_nll"]["start"] == "—"  # not measured
+
+    assert rep["runs"][0]["stream"] == "edits"
+    items = next(t for t in tables if t and "rewrite_prompt" in t[0])
+    assert [r["id"] for r in items] == ["0", "1", "2"]
+    first = items[0]
+    assert first["subject"] == SUBJECT and first["rewrite_prompt"] == f"The mother tongue of {SUBJECT} is"
+    assert (first["target_true"], first["target_new"]) == ("French", "English")
+    assert json.loads(first["paraphrase_prompts"]) == [f"{SUBJECT} spoke the language", f"The native language of {SUBJECT} is"]
+    assert json.loads(first["neighborhood"]) == ["The mother tongue of Léon Blum is → French", "The native language of Montesquieu is → French"]
+    assert "Ada &lt;b&gt;Lovelace&lt;/b&gt; &amp; &lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<b>Lovelace" not in page and "<script>alert(1)" not in page
+    assert not RESOURCE.search(_outside_plotly(page))
+
+    assert main(["report", "run", str(edits_run), "--out", str(tmp_path / "e.md"), "--format", "md"]) == 0
+    md = (tmp_path / "e.md").read_text()
+    assert "| editing/locality_em |" in md and "| forget/capitals/f1 |" in md
+    assert "Ada &lt;b&gt;Lovelace&lt;/b&gt; &amp; &lt;script&gt;" in md and "<b>" not in md and "<script" not in md
+
+
+def test_run_report_pareto_point_without_known_facts(ws, edits_run, tmp_path):
+    """Side by side with a facts run: the editing run (no known facts) is placed by its first probe."""
+    from smviz.analysis import Run
+
+    assert main(["report", "run", str(ws.run("sparse")), str(edits_run), "--out", str(tmp_path / "two.html")]) == 0
+    rep = json.loads((tmp_path / "two.json").read_text())
+    facts_run, edits = rep["runs"]
+    summary = Run(edits_run).summary["metrics"]
+    assert edits["pareto"] == {"learning_f1_gain": None, "known_f1_relative_drop": None, "forgetting_on": "probe books",
+                               "forgetting_f1_relative_drop": summary["forget"]["books"]["f1"]["relative_drop"]}
+    assert facts_run["pareto"]["forgetting_on"] == "known facts"
+    assert facts_run["pareto"]["forgetting_f1_relative_drop"] == facts_run["pareto"]["known_f1_relative_drop"]
+    assert [r["subject"] for r in facts_run["items"]["rows"]] == [f["subject"] for f in Run(ws.run("sparse")).items]
+    page = (tmp_path / "two.html").read_text()
+    assert "Learning vs forgetting per run" in page
+    left_out = re.search(r"<p>not drawn \(learning gain[^<]*: ([^<]*)</p>", page).group(1).split(", ")
+    assert "edits" in left_out  # no learning set: no learning F1 gain

@@ -1,5 +1,6 @@
-"""smviz app — Steps: learning and forgetting curves of the runs, and how the selected slots overlap,
-get reused and churn across the steps and facts of a run."""
+"""smviz app — Steps: learning and forgetting curves of the runs (every measured metric: learning,
+known facts, held-out NLL, each named forgetting probe, the editing metrics of editing streams) with
+their table, and how the selected slots overlap, get reused and churn across the steps and facts of a run."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ for name in run_names:
     if len(m):
         frames.append(m.assign(run=f"{name} ({c.load_run(str(ws.run(name))).method})"))
 if frames:
-    metrics = pd.concat(frames, ignore_index=True)
+    metrics = pd.concat(frames, ignore_index=True)  # a metric one run did not measure: NaN in its rows
+    metrics = metrics[["run", *(col for col in metrics.columns if col != "run")]]
     st.plotly_chart(figures.learning_curves(metrics, by="run"), key="curves_fig")
     st.dataframe(metrics, hide_index=True, key="metrics_table")
 

@@ -1,7 +1,8 @@
 """Reading a finetuning run directory for analysis: its config, metrics and per-step selections as
-DataFrames, and the memory at any step rebuilt from the base model and the run's deltas. Every file is
-read through `smviz.train.rundir.FinetuneRunDir`, the owner of the format; errors are RunError (a
-`layer=` that names no memory layer of the run: ConfigError, from `smviz.model.resolve_layer`)."""
+DataFrames, the stream's items (any kind of data: facts, QA items, documents, editing records) and the
+memory at any step rebuilt from the base model and the run's deltas. Every file is read through
+`smviz.train.rundir.FinetuneRunDir`, the owner of the format; errors are RunError (a `layer=` that
+names no memory layer of the run: ConfigError, from `smviz.model.resolve_layer`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from smviz.data.edits import EditRecord
 from smviz.errors import RunError
 from smviz.model import MemoryModel, resolve_layer
 from smviz.train.rundir import FinetuneRunDir
@@ -60,10 +62,36 @@ class Run:
         return self.dir.has_deltas()
 
     @property
+    def stream(self) -> str:
+        """The kind of data the run was trained on: facts, qa, documents or edits (config.json's stream;
+        runs written before streams had kinds trained on facts)."""
+        return (self.identity.get("stream") or {}).get("kind", "facts")
+
+    @property
+    def items(self) -> list[dict[str, Any]]:
+        """The stream's items in order, as canonical JSON objects (stream.jsonl; `smviz.data.formats.
+        canonical`): a Fact's dict, {id, question, answers}, {id, text} or an EditRecord's dict, by
+        `stream`. Empty for runs written before stream.jsonl existed."""
+        return self.dir.stream()
+
+    def item_table(self) -> pd.DataFrame:
+        """One row per stream item, for reading (`item_rows`)."""
+        return item_rows(self.stream, self.items)
+
+    @property
     def metrics(self) -> pd.DataFrame:
         """One row per evaluation (metrics.jsonl): step, facts_seen, learn_em, learn_f1, stream_em,
-        stream_f1, known_em, known_f1, heldout_nll."""
-        return pd.DataFrame(self.dir.metrics())
+        stream_f1, known_em, known_f1, heldout_nll, then the nested records flattened with "/": for each
+        named forgetting probe NAME (`--forget-eval NAME=QA_FILE`) forget/NAME/em, forget/NAME/f1 and
+        forget/NAME/n (its question count), and for editing streams editing/efficacy_prob,
+        editing/efficacy_em, editing/generalization_prob, editing/generalization_em, editing/locality_prob,
+        editing/locality_em and editing/n (records). A metric the run did not measure (no known facts,
+        no held-out text, no learning set) keeps its column, NaN."""
+        df = pd.json_normalize(self.dir.metrics(), sep="/")
+        for column in df.columns:
+            if column not in ("step", "facts_seen"):
+                df[column] = pd.to_numeric(df[column])  # an all-None column → float NaN, not object
+        return df
 
     @property
     def steps(self) -> pd.DataFrame:
@@ -116,3 +144,39 @@ class Run:
                 weight[rows.to(weight.device)] = values.to(weight.device, weight.dtype)
         model.model_hash = None  # no longer the saved base model
         return model
+
+
+DOCUMENT_START = 200
+"""Characters of a document's text that `item_rows` shows."""
+
+
+ITEM_COLUMNS = {
+    "facts": ["id", "subject", "relation", "answer", "statements", "questions"],
+    "qa": ["id", "question", "answers"],
+    "documents": ["id", "chars", "text"],
+    "edits": ["id", "subject", "rewrite_prompt", "target_true", "target_new", "paraphrase_prompts", "neighborhood", "source"],
+}
+"""The columns of `item_rows` per kind of stream."""
+
+
+def item_rows(kind: str, items: list[dict[str, Any]]) -> pd.DataFrame:
+    """Canonical stream items (`Run.items`) of `kind` as one readable row each. Columns by kind —
+    facts: id, subject, relation, answer, statements, questions (counts); qa: id, question, answers (a
+    list); documents: id, chars, text (its first DOCUMENT_START characters, "…" when cut); edits: id,
+    subject, rewrite_prompt (the subject in place of {}), target_true, target_new, paraphrase_prompts (a
+    list), neighborhood (a list of "prompt → answer"), source. Unknown kinds: RunError."""
+    if kind == "facts":
+        rows = [{"id": d["id"], "subject": d["subject"], "relation": d["relation"], "answer": d["answer"],
+                 "statements": len(d["statements"]), "questions": len(d["questions"])} for d in items]
+    elif kind == "qa":
+        rows = [{"id": d["id"], "question": d["question"], "answers": list(d["answers"])} for d in items]
+    elif kind == "documents":
+        rows = [{"id": d["id"], "chars": len(d["text"]), "text": d["text"][:DOCUMENT_START] + ("…" if len(d["text"]) > DOCUMENT_START else "")}
+                for d in items]
+    elif kind == "edits":
+        rows = [{"id": d["id"], "subject": d["subject"], "rewrite_prompt": EditRecord.from_dict(d).rewrite_prompt,
+                 "target_true": d["target_true"], "target_new": d["target_new"], "paraphrase_prompts": list(d["paraphrase_prompts"]),
+                 "neighborhood": [f"{n['prompt']} → {n['answer']}" for n in d["neighborhood"]], "source": d["source"]} for d in items]
+    else:
+        raise RunError(f"unknown kind of stream {kind!r}; expected one of {', '.join(ITEM_COLUMNS)}")
+    return pd.DataFrame(rows, columns=ITEM_COLUMNS[kind])

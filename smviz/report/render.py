@@ -32,10 +32,15 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
+def _columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Every key of the rows, first seen first (rows may differ: gain in one, relative_drop in the next)."""
+    return list(dict.fromkeys(k for r in rows for k in r))
+
+
 def _table_html(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
     if not rows:
         return "<p><em>none</em></p>"
-    columns = columns or list(rows[0])
+    columns = columns or _columns(rows)
     head = "".join(f"<th>{e(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{e(_fmt(r.get(c)))}</td>" for c in columns) + "</tr>" for r in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -49,7 +54,7 @@ def _md_cell(x: Any) -> str:
 def _table_md(rows: list[dict[str, Any]], columns: list[str] | None = None) -> str:
     if not rows:
         return "_none_\n"
-    columns = columns or list(rows[0])
+    columns = columns or _columns(rows)
     lines = ["| " + " | ".join(_md_cell(c) for c in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_md_cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -125,19 +130,26 @@ def _run_sections(r: dict[str, Any]) -> list:
     runs = r["runs"]
     curves = pd.concat([pd.DataFrame(x["curves"]).assign(run=x["label"]) for x in runs], ignore_index=True)
     parts: list = [("fig", figures.learning_curves(curves, by="run"))]
-    if len(runs) > 1:  # the paper's Fig. 3 view: one point per method (not in smviz.figures)
+    if len(runs) > 1:  # the paper's Fig. 3 view: one point per run (not in smviz.figures)
+        drawn = [x for x in runs if x["pareto"]["forgetting_f1_relative_drop"] is not None and x["pareto"]["learning_f1_gain"] is not None]
         pts = go.Figure()
-        for x in runs:
-            pts.add_trace(go.Scatter(x=[x["pareto"]["known_f1_relative_drop"]], y=[x["pareto"]["learning_f1_gain"]],
+        for x in drawn:
+            pts.add_trace(go.Scatter(x=[x["pareto"]["forgetting_f1_relative_drop"]], y=[x["pareto"]["learning_f1_gain"]],
                                      mode="markers+text", text=[x["label"]], textposition="top center", name=x["label"]))
-        pts.update_layout(title="Learning vs forgetting per run", xaxis_title="relative drop of known-fact F1",
+        pts.update_layout(title="Learning vs forgetting per run", xaxis_title="relative drop of F1 on known facts (else the first probe)",
                           yaxis_title="learning F1 gain", template="plotly_white")
         parts.append(("fig", pts))
-    parts.append(("table", ([{"run": x["label"], "method": x["method"], "steps": x["steps"], "facts": x["facts"], **x["pareto"]}
-                             for x in runs], None)))
+        if len(drawn) < len(runs):
+            parts.append(("text", "not drawn (learning gain or forgetting drop not measured, or a start of 0): "
+                                  + ", ".join(x["label"] for x in runs if x not in drawn)))
+    parts.append(("table", ([{"run": x["label"], "method": x["method"], "stream": x["stream"], "steps": x["steps"],
+                              "facts": x["facts"], **x["pareto"]} for x in runs], None)))
     out = [("Runs", r["protocol"], parts)]
     for x in runs:
         parts = [("table", (x["summary"], None)), ("text", "Curves (metrics.jsonl)"), ("table", (x["curves"], None))]
+        items = x["items"]  # no rows for runs written before stream.jsonl
+        parts.append(("text", f"Stream: {len(items['rows'])} items ({items['kind']}, stream.jsonl)"))
+        parts.append(("table", (items["rows"], items["columns"])))
         if x["dynamics"]:
             for layer, d in x["dynamics"].items():
                 parts.append(("text", f"layer {layer}: {d['ever_selected']} slots ever selected, "
@@ -146,7 +158,7 @@ def _run_sections(r: dict[str, Any]) -> list:
                 parts.append(("table", (d["churn"], None)))
         else:
             parts.append(("text", "no selected-slot dynamics (the method selects no value rows)"))
-        parts.append(("text", "Per fact"))
+        parts.append(("text", "Per fact" if x["stream"] == "facts" else "Per stream item"))
         parts.append(("table", (x["per_fact"], None)))
         out.append((f"Run {x['label']} ({x['method']})", x["protocol"] + " " + x["dynamics_protocol"], parts))
     return out
