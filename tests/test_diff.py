@@ -233,3 +233,25 @@ def test_audit_with_a_run_needs_its_own_final_model(ws, tmp_path):
         check_run_model(run, before, MemoryModel.from_pretrained(tmp_path / "other"))
     with pytest.raises(RunError, match="started from model"):
         check_run_model(run, MemoryModel.from_pretrained(tmp_path / "other"), after)
+
+
+def test_prompt_access_shift_on_prompt_texts(ws):
+    """The access shift of an editing diff: `access_shift` on the prompts given, its size and what was
+    probed in attrs; the facts' version keeps its protocol word for word."""
+    from smviz.analysis import question_access_shift
+    from smviz.analysis.shift import prompt_access_shift
+
+    before = MemoryModel.from_pretrained(ws["base"])
+    after = MemoryModel.from_pretrained(ws["run"] / "model")
+    with torch.no_grad():
+        after.memory_layers[1].query.weight.mul_(-1.0)
+    prompts = ["Ada Number0 was born in", "The birthplace of Ada Number1 is"]
+    shift = prompt_access_shift(before, after, prompts, what="two rewrite prompts")
+    assert shift.equals(access_shift(before, after, prompts))
+    assert shift.attrs == {"probe_size": 2, "protocol": "probe: two rewrite prompts (2 prompts); per token and memory layer "
+                                                        "the Jaccard of the slot sets read before vs after (access_shift)"}
+    assert question_access_shift(before, after, ws["facts"]).attrs["protocol"] == (
+        "probe: the 3 facts' held-out questions as qa_prompt text (3 prompts); per token and memory layer the Jaccard of "
+        "the slot sets read before vs after (access_shift)")
+    with pytest.raises(AnalysisError, match="no prompts"):
+        prompt_access_shift(before, after, [])

@@ -158,12 +158,14 @@ def test_bad_input_exits_2_and_writes_nothing(ws, tmp_path, capsys):
     missing = list(args)
     missing[missing.index("--before") + 1] = str(tmp_path / "nope")
     assert main(missing) == 2
-    other = MemoryModel.from_preset("micro", seed=0, vocab_size=512, knn=4)
+    assert "does not exist" in capsys.readouterr().err
+    other = MemoryModel.from_preset("micro", seed=0, vocab_size=512, knn=2)  # the preset reads 4 slots per head
     other.tokenizer = MemoryModel.from_pretrained(ws.model("micro")).tokenizer
     other.save_pretrained(tmp_path / "other")
     different = list(args)
     different[different.index("--after") + 1] = str(tmp_path / "other")
     assert main(different) == 2
+    assert "knn" in capsys.readouterr().err  # a model with another memory config is not comparable
     (tmp_path / "empty.jsonl").write_text("")
     assert main(_diff_args(ws, out, facts=tmp_path / "empty.jsonl")) == 2
     assert main(["report", "run", str(tmp_path / "no-run"), "--out", str(out)]) == 2
@@ -269,3 +271,154 @@ def test_run_report_pareto_point_without_known_facts(ws, edits_run, tmp_path):
     assert "Learning vs forgetting per run" in page
     left_out = re.search(r"<p>not drawn \(learning gain[^<]*: ([^<]*)</p>", page).group(1).split(", ")
     assert "edits" in left_out  # no learning set: no learning F1 gain
+
+
+# --------------------------------------------------------------------------- diff reports of editing records
+
+EDIT_METRIC_NAMES = ("efficacy_prob", "efficacy_em", "generalization_prob", "generalization_em", "locality_prob", "locality_em")
+FACTS_DIFF_KEYS = {
+    "report": {"format", "kind", "compared", "model_hashes", "inputs", "summary", "memory", "facts", "access_shift", "overlap", "top_slots"},
+    "facts": {"protocol", "table", "questions"},
+    "row": {"fact_id", "subject", "relation", "gold", "statement", "questions", "answer_before", "answer_after", "f1_before",
+            "f1_after", "slots_trained", "slots", "entity_share"},
+    "overlap": {"protocol", "facts", "matrix"},
+}
+
+
+def test_facts_diff_keeps_its_keys(diff_report):
+    """What tests above and readers of report.json use: a facts diff's sections and per-fact columns."""
+    _, rep = diff_report
+    assert set(rep) == FACTS_DIFF_KEYS["report"] and rep["compared"] == "facts"
+    assert set(rep["facts"]) == FACTS_DIFF_KEYS["facts"] and set(rep["overlap"]) == FACTS_DIFF_KEYS["overlap"]
+    assert all(set(row) == FACTS_DIFF_KEYS["row"] for row in rep["facts"]["table"])
+    assert [m["metric"] for m in rep["summary"]["metrics"]] == ["learning_em", "learning_f1", "known_em", "known_f1"]
+    assert rep["inputs"]["known"] == "facts-known.jsonl"
+
+
+def _greedy(model, ids: list[int], n: int) -> str:
+    """Greedy decoding by hand (one unpadded forward per token, argmax): the reference for continuations."""
+    import torch
+
+    tok, out = model.tokenizer, []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            out.append(nxt)
+            if "\n" in tok.decode([nxt]):
+                break
+    return tok.decode(out, skip_special_tokens=True).split("\n", 1)[0].strip()
+
+
+@pytest.fixture(scope="module")
+def edits_diff(ws, edits_run, tmp_path_factory):
+    """`smviz report diff` of the editing run: its stream (smviz edits JSONL) as --facts, no --known, --heldout."""
+    out = tmp_path_factory.mktemp("edits-diff") / "d.html"
+    args = ["report", "diff", "--before", str(ws.model("micro")), "--after", str(edits_run / "model"),
+            "--facts", str(ws.root / "edits-stream.jsonl"), "--heldout", str(ws.data / "corpus-heldout.jsonl"), "--out", str(out)]
+    assert main(args) == 0
+    assert main(args[:-2] + ["--out", str(out.with_suffix(".md")), "--format", "md"]) == 0
+    return out, json.loads(out.with_suffix(".json").read_text())
+
+
+def test_edits_diff_numbers(ws, edits_run, edits_diff):
+    """The summary's editing metrics are mean_edit_metrics of edit_scores on both models; per record:
+    subject, rewrite prompt, greedy continuations (by hand), slots trained (reads of the rewrite text by
+    hand ∩ changed rows); access shift on the 3 rewrite + 4 paraphrase prompts."""
+    import numpy as np
+    import torch
+
+    from smviz.analysis import access_shift, diff_run_model
+    from smviz.data.formats import read_data
+    from smviz.evaluate import edit_scores, mean_edit_metrics
+    from smviz.model import MemoryModel
+    from smviz.record import AccessRecorder
+
+    _, rep = edits_diff
+    before, after = MemoryModel.from_pretrained(ws.model("micro")), MemoryModel.from_pretrained(edits_run / "model")
+    fmt, recs = read_data(ws.root / "edits-stream.jsonl")
+    assert fmt.kind == "edits" and rep["compared"] == "edits" and "facts" not in rep
+    scores = {"before": edit_scores(before, recs), "after": edit_scores(after, recs)}
+    means = {k: mean_edit_metrics(v) for k, v in scores.items()}
+    metrics = {m["metric"]: m for m in rep["summary"]["metrics"]}
+    assert list(metrics) == [*EDIT_METRIC_NAMES, "heldout_nll"]  # no --known: no known-fact rows
+    for m in EDIT_METRIC_NAMES:
+        assert metrics[m]["before"] == pytest.approx(means["before"][m]) and metrics[m]["after"] == pytest.approx(means["after"][m])
+        assert metrics[m]["change"] == pytest.approx(means["after"][m] - means["before"][m])
+    assert means["before"]["locality_prob"] is not None  # records 0 and 1 have neighbours
+    assert "no --known given" in rep["summary"]["protocol"] and "efficacy_prob" in rep["summary"]["protocol"]
+    assert rep["inputs"]["known"] is None
+
+    table = rep["edits"]["table"]
+    assert [r["id"] for r in table] == ["0", "1", "2"]
+    assert [r["subject"] for r in table] == [SUBJECT, "Edwin of Northumbria", "Toko Yasuda"]
+    assert table[0]["rewrite_prompt"] == f"The mother tongue of {SUBJECT} is"
+    assert table[2]["rewrite_prompt"] == "Toko Yasuda, the"
+    assert [(r["target_true"], r["target_new"]) for r in table] == [("French", "English"), ("Islam", "Christianity"), ("guitar", "piano")]
+    diff = diff_run_model(edits_run, ws.model("micro"))
+    changed = set(diff.slots["slot"].astype(int))
+    assert changed
+    for row, rec, sb, sa in zip(table, recs, scores["before"], scores["after"]):
+        for when, s in (("before", sb), ("after", sa)):
+            assert row[f"efficacy_prob_{when}"] == s["efficacy_prob"] and row[f"nll_new_{when}"] == pytest.approx(s["nll_new"])
+        ids = before.tokenizer(rec.rewrite_prompt)["input_ids"]
+        assert (row["continuation_before"], row["continuation_after"]) == (_greedy(before, ids, 8), _greedy(after, ids, 8))
+        text_ids = before.tokenizer(f"{rec.rewrite_prompt} {rec.target_new}", add_special_tokens=False)["input_ids"]
+        with torch.no_grad(), AccessRecorder(before) as recorder:
+            before(input_ids=torch.tensor([text_ids]))
+        (layer,) = before.memory_layers  # the micro model has one memory layer
+        read = set(np.unique(recorder.batches[0].slots[:, 0]).tolist())
+        assert row["slots"] == [f"{layer}:{s}" for s in sorted(read & changed)] and row["slots_trained"] == len(read & changed)
+    assert any(r["slots_trained"] for r in table)
+    if "not computed" in rep["edits"]["protocol"]:
+        assert all(r["entity_share"] is None for r in table)
+
+    prompts = [p for r in recs for p in (r.rewrite_prompt, *r.paraphrase_prompts)]
+    assert rep["access_shift"]["probe_size"] == 7 == len(prompts)
+    assert rep["access_shift"]["jaccard"] == pytest.approx(access_shift(before, after, prompts)["jaccard"].tolist())
+    assert "rewrite prompts and their 4 paraphrase prompts" in rep["access_shift"]["protocol"]
+    assert set(rep["overlap"]["edits"]) <= {"0", "1", "2"} and len(rep["overlap"]["matrix"]) == len(rep["overlap"]["edits"])
+    for s in rep["top_slots"]["slots"]:
+        assert {c["doc_id"] for c in s["contexts"]} <= {"0", "1", "2"}
+
+
+def test_edits_diff_renders_escaped(edits_diff):
+    out, _ = edits_diff
+    page = out.read_text()
+    assert "<h2>Summary: editing and forgetting</h2>" in page and "<h2>Per editing record</h2>" in page
+    row = next(r for t in _html_tables(page) if t and "rewrite_prompt" in t[0] for r in t)
+    assert row["subject"] == SUBJECT and row["rewrite_prompt"] == f"The mother tongue of {SUBJECT} is"
+    assert "Ada &lt;b&gt;Lovelace&lt;/b&gt; &amp; &lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<b>Lovelace" not in page and "<script>alert(1)" not in page
+    assert not RESOURCE.search(_outside_plotly(page))
+    md = out.with_suffix(".md").read_text()
+    assert "## Summary: editing and forgetting" in md and "| efficacy_prob |" in md
+    assert "Ada &lt;b&gt;Lovelace&lt;/b&gt; &amp; &lt;script&gt;" in md and "<b>" not in md and "<script" not in md
+
+
+def test_diff_items_detect_counterfact_and_refuse_qa(ws, edits_run, tmp_path, capsys):
+    """--facts: a CounterFact JSON list is read as editing records (as the stream it was converted to); a
+    QA file is refused in one line, nothing written."""
+    from smviz.data.formats import read_data
+    from smviz.report.diff_items import EditItems, FactItems, read_diff_items
+
+    _, recs = read_data(ws.root / "edits-stream.jsonl")
+    cases = [{"case_id": int(r.id), "requested_rewrite": {"prompt": r.prompt, "subject": r.subject, "target_new": {"str": r.target_new},
+                                                          "target_true": {"str": r.target_true}, "relation_id": "P0"},
+              "paraphrase_prompts": list(r.paraphrase_prompts), "neighborhood_prompts": [p for p, _ in r.neighborhood]}
+             for r in recs]
+    (tmp_path / "cf.json").write_text(json.dumps(cases))
+    items = read_diff_items(tmp_path / "cf.json")
+    assert isinstance(items, EditItems) and items.items == recs
+    assert isinstance(read_diff_items(ws.data / "facts-new.jsonl"), FactItems)
+
+    (tmp_path / "qa.jsonl").write_text('{"question": "What is the capital of France?", "answer": "Paris"}\n')
+    out = tmp_path / "out" / "r.html"
+    out.parent.mkdir()
+    args = _diff_args(ws, out, facts=tmp_path / "qa.jsonl")
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("smviz report diff: error:") and "Traceback" not in err
+    assert "holds Q/A items" in err and "a diff report compares facts or editing records" in err
+    assert list(out.parent.iterdir()) == []

@@ -1,8 +1,10 @@
 """How access patterns and answers shifted between two checkpoints of one model:
 
 - `access_shift(before, after, probe)`: per probe token and memory layer, Jaccard of the slot sets read;
-- `question_access_shift(before, after, facts)`: the same on the facts' held-out questions — THE access
-  shift of a diff (the diff report and the app's Diff page both show it);
+- `prompt_access_shift(before, after, prompts, what=...)`: the same on prompt texts, with the probe's size
+  and protocol in `attrs` — a diff's access shift (on editing records: their rewrite and paraphrase prompts);
+- `question_access_shift(before, after, facts)`: `prompt_access_shift` on the facts' held-out questions —
+  THE access shift of a facts diff (the diff report and the app's Diff page both show it);
 - `fact_shift(before, after, facts)`: per question, answer and F1 before vs after.
 """
 
@@ -62,11 +64,26 @@ def access_shift(
     return pd.concat(frames, ignore_index=True)[SHIFT_COLUMNS]
 
 
+def prompt_access_shift(before: MemoryModel, after: MemoryModel, prompts: Sequence[str], *,
+                        what: str = "the prompts given") -> pd.DataFrame:
+    """`access_shift` on prompt texts (each its own document), with `attrs["probe_size"]` the number of
+    prompts and `attrs["protocol"]` saying what was probed: `what` names the prompts ("the 3 records'
+    rewrite prompts ...")."""
+    prompts = list(prompts)
+    if not prompts:
+        raise AnalysisError("no prompts given: the access shift probes prompt texts")
+    shift = access_shift(before, after, prompts)
+    shift.attrs["probe_size"] = len(prompts)
+    shift.attrs["protocol"] = (f"probe: {what} ({len(prompts)} prompts); per token and memory layer the Jaccard of "
+                               "the slot sets read before vs after (access_shift)")
+    return shift
+
+
 def question_access_shift(before: MemoryModel, after: MemoryModel, facts: Sequence[Fact]) -> pd.DataFrame:
-    """`access_shift` on the facts' questions — the protocol of a diff's access shift: the probe is every
-    held-out question of `facts` as `qa_prompt` text (what the evaluation asks; when none of the facts
-    has held-out questions, all their questions). Columns as `access_shift`; `attrs["probe_size"]` is the
-    number of prompts and `attrs["protocol"]` says how the probe was made."""
+    """`prompt_access_shift` on the facts' questions — the protocol of a facts diff's access shift: the
+    probe is every held-out question of `facts` as `qa_prompt` text (what the evaluation asks; when none
+    of the facts has held-out questions, all their questions). Columns as `access_shift`;
+    `attrs["probe_size"]` is the number of prompts and `attrs["protocol"]` says how the probe was made."""
     facts = list(facts)
     if not facts:
         raise AnalysisError("no facts given: the access shift probes the facts' questions")
@@ -74,11 +91,7 @@ def question_access_shift(before: MemoryModel, after: MemoryModel, facts: Sequen
     which = "held-out questions"
     if not probe:
         probe, which = [qa_prompt(q.text) for f in facts for q in f.questions], "questions (none is held out)"
-    shift = access_shift(before, after, probe)
-    shift.attrs["probe_size"] = len(probe)
-    shift.attrs["protocol"] = (f"probe: the {len(facts)} facts' {which} as qa_prompt text ({len(probe)} prompts); per "
-                               "token and memory layer the Jaccard of the slot sets read before vs after (access_shift)")
-    return shift
+    return prompt_access_shift(before, after, probe, what=f"the {len(facts)} facts' {which} as qa_prompt text")
 
 
 def fact_shift(before: MemoryModel, after: MemoryModel, facts: Sequence[Fact], *, heldout: bool = True,

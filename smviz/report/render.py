@@ -81,8 +81,22 @@ def _sections(report: dict[str, Any]) -> list[tuple[str, str, list[tuple[str, An
     return _diff_sections(report) if report["kind"] == "diff" else _run_sections(report)
 
 
+_ITEM_COLUMNS = {
+    "facts": ["fact_id", "subject", "relation", "gold", "answer_before", "answer_after", "f1_before", "f1_after",
+              "slots_trained", "entity_share", "statement"],
+    "edits": ["id", "subject", "rewrite_prompt", "target_true", "target_new", "continuation_before", "continuation_after",
+              "efficacy_prob_before", "efficacy_prob_after", "efficacy_em_before", "efficacy_em_after", "slots_trained",
+              "entity_share"],
+}
+"""The per-item table's columns, by what a diff compared (its JSON rows hold more)."""
+_ITEM_TITLES = {"facts": ("learning", "Per fact", "fact", "facts"), "edits": ("editing", "Per editing record", "record", "records")}
+"""(what the summary measured, the per-item section's title, an item, items) by what a diff compared."""
+
+
 def _diff_sections(r: dict[str, Any]) -> list:
-    out = [("Summary: learning and forgetting", r["summary"]["protocol"], [("table", (r["summary"]["metrics"], None))])]
+    kind = r.get("compared", "facts")  # reports written before editing diffs compared facts
+    measured, per_item, one, noun = _ITEM_TITLES[kind]
+    out = [(f"Summary: {measured} and forgetting", r["summary"]["protocol"], [("table", (r["summary"]["metrics"], None))])]
     mem = r["memory"]
     norms = pd.DataFrame(mem["delta_norm"])
     parts: list = [("text", f"{mem['changed_slots']} value rows changed ({mem['changed_slots_per_layer']}); "
@@ -95,24 +109,24 @@ def _diff_sections(r: dict[str, Any]) -> list:
     parts.append(("text", "Frozen-parameter audit"))
     parts.append(("table", (mem["audit"], None)))
     out.append(("Memory changes", mem["protocol"], parts))
-    facts = r["facts"]
-    fig_parts: list = [("table", (facts["table"], ["fact_id", "subject", "relation", "gold", "answer_before", "answer_after",
-                                                  "f1_before", "f1_after", "slots_trained", "entity_share", "statement"]))]
-    if facts["questions"]:
-        fig_parts.append(("fig", figures.fact_shift_figure(pd.DataFrame(facts["questions"]))))
-    out.append(("Per fact", facts["protocol"], fig_parts))
+    items = r[kind]
+    item_parts: list = [("table", (items["table"], _ITEM_COLUMNS[kind]))]
+    if items.get("questions"):
+        item_parts.append(("fig", figures.fact_shift_figure(pd.DataFrame(items["questions"]))))
+    out.append((per_item, items["protocol"], item_parts))
     ash = r["access_shift"]
     parts = [("table", (ash["per_layer"], None))]
     if ash["jaccard"]:
         parts.append(("fig", figures.access_shift_figure(pd.DataFrame({"jaccard": ash["jaccard"]}))))
     out.append(("Access shift on the probe set", ash["protocol"], parts))
     ov = r["overlap"]
+    ids = ov[kind]
     parts = []
-    if ov["facts"]:
-        m = pd.DataFrame(ov["matrix"], index=ov["facts"], columns=ov["facts"]).astype(float)
-        parts.append(("fig", figures.overlap_heatmap(m, title="Jaccard of the facts' trained slot sets")))
-        parts.append(("table", ([{"fact": f, **{g: v for g, v in zip(ov["facts"], row)}} for f, row in zip(ov["facts"], ov["matrix"])], None)))
-    out.append(("Overlap of the facts' slot sets", ov["protocol"], parts))
+    if ids:
+        m = pd.DataFrame(ov["matrix"], index=ids, columns=ids).astype(float)
+        parts.append(("fig", figures.overlap_heatmap(m, title=f"Jaccard of the {noun}' trained slot sets")))
+        parts.append(("table", ([{one: f, **{g: v for g, v in zip(ids, row)}} for f, row in zip(ids, ov["matrix"])], None)))
+    out.append((f"Overlap of the {noun}' slot sets", ov["protocol"], parts))
     parts = []
     for s in r["top_slots"]["slots"]:
         parts.append(("text", f"layer {s['layer']} slot {s['slot']}: ‖ΔV‖₂ {_fmt(s['delta_norm'])}, "
