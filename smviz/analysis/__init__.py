@@ -38,8 +38,8 @@ from smviz.analysis.overlap import (
     selected_sets,
     slot_reuse,
 )
-from smviz.analysis.runs import Run
-from smviz.analysis.shift import access_shift, fact_shift, question_access_shift
+from smviz.analysis.runs import Run, item_rows
+from smviz.analysis.shift import access_shift, fact_shift, prompt_access_shift, question_access_shift
 from smviz.analysis.slots import co_accessed, selection_history, value_norm_history
 from smviz.analysis.tfidf import batch_slot_counts, step_slot_counts, step_table, tfidf_table, trace_rows, trace_slot_counts
 from smviz.analysis.vocab import promoted_tokens
@@ -50,6 +50,6 @@ __all__ = [
     "allowed_rows", "answer_logprob", "check_comparable", "check_run_model", "background_overlap", "background_top", "batch_slot_counts", "bh_q_values", "churn",
     "core_coverage", "core_set", "core_sets", "cross_run", "diff_models", "diff_run_model", "diff_run_steps",
     "enrichment_p_values", "entity_spans", "fact_shift", "intersection_matrix", "jaccard_matrix", "load_pipeline",
-    "min_t", "min_t_sweep", "overlap_matrix", "promoted_tokens", "question_access_shift", "run_diff", "selected_sets", "selection_entity_alignment",
+    "item_rows", "min_t", "min_t_sweep", "overlap_matrix", "prompt_access_shift", "promoted_tokens", "question_access_shift", "run_diff", "selected_sets", "selection_entity_alignment",
     "slot_entity_profile", "slot_reuse", "step_slot_counts", "step_table", "tfidf_table", "trace_rows", "trace_slot_counts",
 ]
