@@ -187,6 +187,35 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         print(format_report(result))
 
 
+def cmd_retrofit(args: argparse.Namespace) -> None:
+    from smviz.config import parse_assignments
+    from smviz.device import resolve_device
+    from smviz.train.pretrain import RetrofitConfig
+    from smviz.workspace import Workspace
+    from smviz.workspace.stages import format_run_evaluation, last_run_evaluation, run_retrofit
+
+    fixed = sorted({"base", "memory", "model", "preset"} & set(parse_assignments(args.set)))
+    if fixed:
+        raise ConfigError(f"{', '.join(fixed)} cannot be set with --set: use --base, --layers and --memory KEY=VALUE")
+    memory: dict[str, Any] = parse_assignments(args.memory)
+    if args.layers is not None:
+        if "layers" in memory:
+            raise ConfigError("memory blocks given twice: use --layers or --memory layers=..., not both")
+        memory["layers"] = args.layers
+    config = config_from_flags(RetrofitConfig(base=args.base), args, args.config_flags, args.set)
+    config = dataclasses.replace(config, memory=memory)
+    ws = Workspace(args.workspace)
+    model = run_retrofit(ws, args.name, config, device=resolve_device(args.device))
+    record = last_run_evaluation(ws, args.name)
+    if args.json:
+        print_json(record)
+        return
+    print(f"retrofitted {args.base} -> {ws.model(args.name)} (model {model.model_hash}; memory at blocks "
+          f"{list(model.memory_layers)}; run state and metrics in {ws.pretrain_run(args.name)})")
+    if record is not None:
+        print(format_run_evaluation(record))
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from smviz.device import resolve_device
     from smviz.evaluate import format_report

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from smviz.model import MemoryModel
 
 
-def _check_rows(token_rows: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+def check_rows(token_rows: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    """Refuse token rows that are not a 2-D LongTensor, or a mask of another shape (ConfigError)."""
     if not isinstance(token_rows, torch.Tensor) or token_rows.dim() != 2 or token_rows.dtype != torch.long:
         raise ConfigError("token rows must be a 2-D torch.LongTensor of shape (rows, seq_len)")
     if attention_mask is not None and attention_mask.shape != token_rows.shape:
@@ -36,7 +37,7 @@ def heldout_nll(
     token after the first of each row is predicted from the ones before it; the sum of all token
     losses is divided by the number of predicted tokens (not a mean of batch means). With an
     `attention_mask`, a token counts only if it and its predecessor are real (mask 1)."""
-    _check_rows(token_rows, attention_mask)
+    check_rows(token_rows, attention_mask)
     n, seq_len = token_rows.shape
     device = model.device
     total, count = 0.0, 0
@@ -72,7 +73,7 @@ def memory_usage(
     """Slot-read metrics (`usage_metrics`) per memory block over `token_rows`, counted with
     `UsageMonitor` (every token × head × top-k read once; positions with mask 0 skipped). Blocks
     are keyed by their index as a string; NaN (no reads) is reported as None."""
-    _check_rows(token_rows, attention_mask)
+    check_rows(token_rows, attention_mask)
     n, seq_len = token_rows.shape
     device = model.device
     with eval_mode(model), UsageMonitor(model) as monitor:

@@ -5,7 +5,10 @@ World texts (`world_documents`): for each person of the trained populations, sev
 one random statement paraphrase per relation, in random order — so every paraphrase is seen in
 varied contexts (Allen-Zhu & Li's "multi + permute" augmentation, which makes knowledge extractable
 by questions); for the `known` population also Q/A documents written with the *training* question
-templates only. Held-out question templates never appear in any text produced here.
+templates only. Held-out question templates never appear in any text produced here. Q/A documents are
+in the fact world's own format (`qa`: one document per person, its pairs in random order) or in another
+prompt format of `smviz.data.prompts` (`chat` for a chat-tuned base model: one document per pair, the
+format's `training_text`, so that a row of a few dozen tokens holds a whole conversation).
 
 `PretrainStream.batch(step)` is a pure function of (seed, step), so a resumed run sees exactly the
 batches an uninterrupted run would.
@@ -21,16 +24,22 @@ import numpy as np
 import torch
 
 from smviz.data.facts import Fact, qa_text
+from smviz.data.prompts import get_prompt_format
 from smviz.errors import SmvizError
 
 IGNORE_INDEX = -100
 
 
 def world_documents(
-    bio_facts: Sequence[Fact], qa_facts: Sequence[Fact], *, copies: int, seed: int
+    bio_facts: Sequence[Fact], qa_facts: Sequence[Fact], *, copies: int, seed: int,
+    prompt_format: str = "qa", tokenizer=None,
 ) -> list[str]:
     """`copies` biographies per person of `bio_facts`, and `copies` Q/A documents per person of
-    `qa_facts` (training templates only), in a seeded shuffled order."""
+    `qa_facts` (training templates only), in a seeded shuffled order. With a `prompt_format` other
+    than qa, each of a person's Q/A pairs is its own document, written by that format (which may need
+    the `tokenizer`: chat uses its chat template)."""
+    fmt = get_prompt_format(prompt_format)
+    fmt.check(tokenizer)  # chat without a chat template: ConfigError before anything is built
     rng = random.Random(seed)
     docs: list[str] = []
     for person_facts in _by_person(bio_facts):
@@ -40,9 +49,12 @@ def world_documents(
             docs.append(" ".join(sentences))
     for person_facts in _by_person(qa_facts):
         for _ in range(copies):
-            lines = [qa_text(rng.choice(f.training_questions).text, f.answer) for f in person_facts]
-            rng.shuffle(lines)
-            docs.append("".join(lines).rstrip("\n"))
+            if fmt.name == "qa":
+                lines = [qa_text(rng.choice(f.training_questions).text, f.answer) for f in person_facts]
+                rng.shuffle(lines)
+                docs.append("".join(lines).rstrip("\n"))
+            else:
+                docs.extend(fmt.training_text(tokenizer, rng.choice(f.training_questions).text, f.answer) for f in person_facts)
     rng.shuffle(docs)
     return docs
 

@@ -1,6 +1,7 @@
-"""Pretraining a memory model from scratch on the background corpus plus the fact world:
-`PretrainConfig` (every knob, documented), `pretrain(...)` (the loop: AdamW, warmup + cosine, slot
-usage and periodic evaluation logged to metrics.jsonl, checkpoint and exact resume).
+"""Pretraining a memory model on the background corpus plus the fact world: from scratch
+(`PretrainConfig`, every knob documented) or from a pretrained base model (`RetrofitConfig`: a retrofit,
+the base's LM given memory layers), and `pretrain(...)`, the one loop for both (AdamW, warmup + cosine,
+slot usage and periodic evaluation logged to metrics.jsonl, checkpoint and exact resume).
 
 Run directory (`Workspace.pretrain_run(name)`, read and written by `smviz.train.rundir.PretrainRunDir`):
 config.json, metrics.jsonl, checkpoint/ (model directory + optimizer state). The finished model is
@@ -12,6 +13,11 @@ the MemoryConfig knobs (`memory` overrides), dense-model shape (`model` override
 (`fact_share`), and a dense phase: for the first `dense_phase_steps` steps the memory output is off
 and the data is corpus only, so the dense model learns language first; after it, dense parameters
 train at `dense_lr_mult` × lr (also without a dense phase; 0 freezes them, leaving the world to the memory).
+
+A retrofit (`RetrofitConfig`) starts from a base model directory (`smviz import`): the model is
+`MemoryModel.attach(base LM, MemoryConfig)` (parallel mode unless `memory` says otherwise, so it starts
+as the base exactly), its memory initialised from `seed`, and the base is frozen (its parameters take no
+gradient and have no optimizer state) unless `dense_lr_mult` > 0 unfreezes it at that multiplier.
 """
 
 from __future__ import annotations
@@ -20,18 +26,21 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from tqdm.auto import tqdm
 
-from smviz.config import from_dict
+from smviz.config import from_dict, with_overrides
+from smviz.data.prompts import get_prompt_format
 from smviz.errors import ConfigError
 from smviz.evaluate import memory_usage
-from smviz.model import MemoryModel, preset
+from smviz.memory import MemoryConfig
+from smviz.model import MemoryModel, architecture_of, load_base_model, module_at, preset
 from smviz.train.data import PretrainStream
 from smviz.train.rundir import PretrainRunDir
 from smviz.train.state import flatten_optimizer, load_optimizer
@@ -68,8 +77,12 @@ class PretrainConfig:
     checkpoint_every: int = field(default=500, metadata={"help": "steps between checkpoints"})
     seed: int = field(default=0, metadata={"help": "seed of initialisation and data order"})
 
+    prompt_format: ClassVar[str] = "qa"
+    """How Q/A texts are written and questions asked: a preset learns the fact world's own format; a
+    retrofit chooses (RetrofitConfig.prompt_format)."""
+
     def __post_init__(self) -> None:
-        preset(self.preset)
+        self._check_model_source()
         for name in ("seq_len", "batch_size", "steps", "world_copies"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"PretrainConfig.{name} must be >= 1")
@@ -90,6 +103,9 @@ class PretrainConfig:
             # a resumed run then starts a fresh usage window exactly where the old one ended
             raise ConfigError("checkpoint_every must be a multiple of log_every")
 
+    def _check_model_source(self) -> None:
+        preset(self.preset)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -106,6 +122,52 @@ class PretrainConfig:
                 raise ConfigError(f"PretrainConfig.{name} must be an object of overrides, got {value!r}")
         config = from_dict(cls, {k: v for k, v in d.items() if k not in overrides})
         return dataclasses.replace(config, **overrides) if overrides else config
+
+
+@dataclass
+class RetrofitConfig(PretrainConfig):
+    """Pretraining that starts from a base model (a retrofit): the same loop and knobs as PretrainConfig,
+    defaults for short fact-sized rows on a CPU (facts are 15-30 tokens), the base frozen by default."""
+
+    preset: str = field(default="", metadata={"help": "not used: a retrofit's model is its base (left empty)"})
+    model: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "not used: a retrofit keeps the base's architecture (left empty)"}
+    )
+    memory: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "MemoryConfig overrides (defaults: MemoryConfig's, with mode parallel and layers "
+                          "[the block at two thirds of the base's depth])"},
+    )
+    seq_len: int = field(
+        default=96,
+        metadata={"help": "tokens per training row; documents are never split, longer ones are cut (SmolLM2's tokenizer: "
+                          "a biography of the default world is 46-89 tokens, a chat Q/A pair 40-50)"},
+    )
+    batch_size: int = field(default=16, metadata={"help": "rows per step"})
+    lr: float = field(
+        default=1e-3,
+        metadata={"help": "peak AdamW learning rate of the memory (values and keys at their MemoryConfig multipliers)"},
+    )
+    dense_lr_mult: float = field(
+        default=0.0,
+        metadata={"help": "lr multiplier of the base model's parameters: 0 freezes them (no gradients, no optimizer "
+                          "state); > 0 trains them too, at that multiple of lr"},
+    )
+    base: str = field(default="", metadata={"help": "base model directory (smviz import): the LM and tokenizer to start from"})
+    prompt_format: str = field(
+        default="qa",
+        metadata={"help": "how Q/A documents are written and facts asked: qa, completion or chat (the base "
+                          "tokenizer's chat template, for chat-tuned models); one document per Q/A pair except qa"},
+    )
+
+    def _check_model_source(self) -> None:
+        if not self.base:
+            raise ConfigError("RetrofitConfig.base must name a base model directory (written by smviz import)")
+        if self.preset or self.model:
+            raise ConfigError("a retrofit's model is its base: RetrofitConfig.preset and .model must be left empty")
+        if self.dense_phase_steps:
+            raise ConfigError("a retrofit has no dense phase: the base has learned its language (dense_phase_steps must be 0)")
+        get_prompt_format(self.prompt_format)
 
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -139,6 +201,10 @@ def lr_factor(step: int, config: PretrainConfig) -> float:
 
 
 def build_model(config: PretrainConfig, tokenizer) -> MemoryModel:
+    """The model a run starts from: the preset, freshly initialised from the seed with `tokenizer`'s
+    vocabulary, or for a retrofit the base with its memory attached (`attach_memory`; its own tokenizer)."""
+    if isinstance(config, RetrofitConfig):
+        return attach_memory(config)
     # The end-of-text token is also the tokenizer's pad token, but it is a real token of packed text:
     # the HF config gets no pad_token_id, which would freeze its embedding row (nn.Embedding padding_idx).
     special = {"bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": None}
@@ -147,6 +213,34 @@ def build_model(config: PretrainConfig, tokenizer) -> MemoryModel:
     )
     model.tokenizer = tokenizer
     return model
+
+
+def retrofit_memory_config(overrides: dict[str, Any], n_blocks: int) -> MemoryConfig:
+    """The MemoryConfig of a retrofit: MemoryConfig's defaults with mode parallel and the block at two
+    thirds of the depth (20 of 30), then `overrides` (strings parsed to their field's type); ConfigError
+    naming a bad field or a block index the model does not have."""
+    defaults = MemoryConfig(mode="parallel", layers=(2 * n_blocks // 3,))
+    memory = with_overrides(defaults, overrides)
+    bad = [i for i in memory.layers if i >= n_blocks]
+    if bad:
+        raise ConfigError(f"memory layer index {bad} out of range: the base model has {n_blocks} blocks (0..{n_blocks - 1})")
+    return memory
+
+
+def attach_memory(config: RetrofitConfig) -> MemoryModel:
+    """The base model of `config` (verified; a model that already has a memory is refused) with memory
+    layers attached, on the CPU. The memory is initialised from `config.seed` alone, so the same config
+    always starts from the same memory: a resumed run re-creates the initial values exactly."""
+    lm, tokenizer, _ = load_base_model(config.base)
+    n_blocks = len(module_at(lm, architecture_of(lm.config).blocks))
+    memory = retrofit_memory_config(config.memory, n_blocks)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return MemoryModel.attach(lm, memory, tokenizer)
+
+
+def _frozen_base(config: PretrainConfig) -> bool:
+    return isinstance(config, RetrofitConfig) and config.dense_lr_mult == 0
 
 
 def _in_dense_phase(step: int, config: PretrainConfig) -> bool:
@@ -173,7 +267,8 @@ def pretrain(
     stop_after: int | None = None,
     progress: bool = True,
 ) -> MemoryModel:
-    """Train (or resume) the run in `run_dir` to `config.steps`; returns the trained model.
+    """Train (or resume) the run in `run_dir` to `config.steps`; returns the trained model. `tokenizer`
+    sizes a preset's vocabulary; a retrofit's model brings its base's tokenizer (`build_model`).
 
     `evaluate(model)` is called every `eval_every` steps and at the end; its dict goes to
     metrics.jsonl. `usage_rows` are held-out rows for the periodic usage count. `stop_after` ends
@@ -198,7 +293,8 @@ def pretrain(
 
     end = config.steps if stop_after is None else min(config.steps, start + stop_after)
     model.train()
-    bar = tqdm(range(start, end), desc="pretrain", unit="step", disable=not progress, mininterval=2.0, initial=start, total=config.steps)
+    desc = "retrofit" if isinstance(config, RetrofitConfig) else "pretrain"
+    bar = tqdm(range(start, end), desc=desc, unit="step", disable=not progress, mininterval=2.0, initial=start, total=config.steps)
     window_tokens, window_start = 0, time.perf_counter()
     with UsageMonitor(model) as train_usage:
         for step in bar:
@@ -231,7 +327,8 @@ def pretrain(
                 window_tokens, window_start = 0, time.perf_counter()
 
             if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
-                record = {"step": done, "eval": _periodic_eval(model, evaluate, usage_rows)}
+                with _uncounted(train_usage):  # the evaluation's reads are not training reads
+                    record = {"step": done, "eval": _periodic_eval(model, evaluate, usage_rows)}
                 run.append_metrics(record)
                 log.info("step %d: %s", done, record["eval"])
                 model.train()
@@ -240,6 +337,19 @@ def pretrain(
                 run.save_checkpoint(model.save_pretrained, tensors, {"step": done, "optimizer": layout})
     model.eval()
     return model
+
+
+@contextmanager
+def _uncounted(monitor: UsageMonitor) -> Iterator[None]:
+    """Reads inside the block leave `monitor`'s counts as they were (so a resumed run, whose window
+    starts after the evaluation, logs the same training usage as an uninterrupted one)."""
+    counts, batches = {i: c.clone() for i, c in monitor.counts.items()}, monitor.batches
+    try:
+        yield
+    finally:
+        for i, c in counts.items():
+            monitor.counts[i].copy_(c)
+        monitor.batches = batches
 
 
 def _periodic_eval(model, evaluate, usage_rows) -> dict[str, Any]:
@@ -254,6 +364,13 @@ def _periodic_eval(model, evaluate, usage_rows) -> dict[str, Any]:
 
 def _make_optimizer(model: MemoryModel, config: PretrainConfig) -> torch.optim.AdamW:
     groups = model.param_groups(config.lr, weight_decay=config.weight_decay)
+    if _frozen_base(config):
+        # the base's parameters ("dense": everything outside the memory) take no gradient at all
+        for g in groups:
+            if g["name"].startswith("dense"):
+                for p in g["params"]:
+                    p.requires_grad_(False)
+        groups = [g for g in groups if not g["name"].startswith("dense")]
     for g in groups:
         g["base_lr"] = g["lr"]
     return torch.optim.AdamW(groups, betas=(0.9, 0.95))

@@ -1,7 +1,8 @@
 """The stages of a workspace (layer 12), each a `Stage` with a `done` check and a `run`: the fact world
-and corpus (`data`), the tokenizer, pretraining and its evaluation (`pretrain`), background statistics
-(`stats`), a trace of the new facts, the finetuning streams (`finetune`) and the reports; the demo runs
-them in order (`demo`). The command line calls these; the modules they call hold the logic."""
+and corpus (`data`), the tokenizer, pretraining and its evaluation (`pretrain`), the retrofit of an
+imported base model (`retrofit`), background statistics (`stats`), a trace of the new facts, the
+finetuning streams (`finetune`) and the reports; the demo runs them in order (`demo`). The command
+line calls these; the modules they call hold the logic."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ from smviz.workspace.stages.pretrain import (
     make_stream,
     periodic_evaluator,
     pretrain_config_of,
+    run_finished,
     run_pretraining,
     typed_pretrain_config,
 )
 from smviz.workspace.stages.reports import make_report
+from smviz.workspace.stages.retrofit import format_run_evaluation, last_run_evaluation, retrofit_evaluator, run_retrofit
 from smviz.workspace.stages.stats import (
     BACKGROUND_STEP_OFFSET,
     DEFAULT_BACKGROUND_BATCHES,
@@ -32,8 +35,9 @@ from smviz.workspace.stages.stats import (
 __all__ = [
     "BACKGROUND_STEP_OFFSET", "DEFAULT_BACKGROUND_BATCHES", "DEMO_STAGES", "THRESHOLDS", "Plan", "Stage",
     "WorkspaceData", "background_stats", "build_data", "build_model_dir", "check_length", "check_model_path",
-    "ensure_tokenizer", "evaluate_model_dir", "evaluate_pretrained", "evaluate_workspace_model", "format_thresholds",
-    "heldout_rows", "load_data", "make_report", "make_stream", "max_positions", "model_info", "parse_probes", "periodic_evaluator",
-    "pretrain_config_of", "run_demo", "run_finetune", "run_pretraining", "stats_path", "threshold_checks",
+    "ensure_tokenizer", "evaluate_model_dir", "evaluate_pretrained", "evaluate_workspace_model", "format_run_evaluation",
+    "format_thresholds", "heldout_rows", "last_run_evaluation", "load_data", "make_report", "make_stream", "max_positions",
+    "model_info", "parse_probes", "periodic_evaluator", "pretrain_config_of", "retrofit_evaluator", "run_demo",
+    "run_finetune", "run_finished", "run_pretraining", "run_retrofit", "stats_path", "threshold_checks",
     "typed_pretrain_config",
 ]

@@ -1,7 +1,8 @@
 """The pretraining and evaluation stages of a workspace: the model NAME pretrained from scratch on the
 workspace's corpus and world (`run_pretraining`, resumable; state in WS/pretrain/NAME, the model in
-WS/models/NAME) and its evaluation (`evaluate_workspace_model`; kept in WS/reports/pretrain-NAME.json
-by `evaluate_pretrained`, the one place `smviz pretrain` and the demo keep it)."""
+WS/models/NAME; its batch stream and periodic evaluation also serve a retrofit, `retrofit`) and its
+evaluation (`evaluate_workspace_model`; kept in WS/reports/pretrain-NAME.json by `evaluate_pretrained`,
+the one place `smviz pretrain` and the demo keep it)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from smviz.errors import ConfigError, ModelFileError
 from smviz.evaluate import answer_questions, evaluate_model, format_report, qa_metrics
 from smviz.io import write_json_atomic
 from smviz.model import MemoryModel, preset
-from smviz.train.data import PretrainStream, pack_whole_documents
-from smviz.train.pretrain import PretrainConfig, pretrain
+from smviz.train.data import PretrainStream, pack_whole_documents, world_documents
+from smviz.train.pretrain import PretrainConfig, RetrofitConfig, pretrain
 from smviz.train.rundir import PretrainRunDir
 from smviz.workspace.layout import Workspace
 from smviz.workspace.stages.base import Plan, Stage, check_length
@@ -77,26 +78,43 @@ def _hf_value(key: str, value: Any, preset_value: Any) -> Any:
 
 
 def make_stream(data: WorkspaceData, tokenizer, config: PretrainConfig) -> PretrainStream:
+    """The run's batch stream: corpus train rows and the world's training texts (Q/A documents in the
+    config's prompt format), tokenised with `tokenizer`."""
     corpus_rows = pack_documents(tokenizer, [a.text for a in data.corpus_train], config.seq_len)
-    docs = data.training_world_texts(copies=config.world_copies, seed=config.seed)
+    if config.prompt_format == "qa":
+        docs = data.training_world_texts(copies=config.world_copies, seed=config.seed)
+    else:  # the same people as training_world_texts, Q/A pairs in the retrofit's format
+        world = data.world
+        docs = world_documents(world.known + world.bio_only, world.known, copies=config.world_copies, seed=config.seed,
+                               prompt_format=config.prompt_format, tokenizer=tokenizer)
     token_lists = tokenizer(docs, add_special_tokens=False)["input_ids"]
-    world_ids, world_labels = pack_whole_documents(token_lists, config.seq_len, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    cut = sum(len(tokens) >= config.seq_len for tokens in token_lists)
+    if cut:
+        log.warning("%d of %d world documents are longer than seq_len %d (with their eos) and are cut: the facts "
+                    "at their ends are never trained; raise seq_len", cut, len(docs), config.seq_len)
+    # a pretrained model's tokenizer may have no pad token: padding is labelled -100 and masked anyway
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    world_ids, world_labels = pack_whole_documents(token_lists, config.seq_len, tokenizer.eos_token_id, pad)
     return PretrainStream(corpus_rows, world_ids, world_labels, config.batch_size, config.fact_share, config.seed)
 
 
 def periodic_evaluator(data: WorkspaceData, config: PretrainConfig):
     """Exact match on a fixed sample of facts, held-out templates (and training templates for known
-    facts, where memorisation shows first), with known-fact held-out EM also with the memory off."""
+    facts, where memorisation shows first), with known-fact held-out EM also with the memory off;
+    questions put in the config's prompt format."""
     n = config.eval_facts
     sample = {name: facts[:: max(1, len(facts) // n)][:n] for name, facts in data.facts().items()}
+
+    def em(model: MemoryModel, facts, heldout: bool = True) -> float:
+        return qa_metrics(answer_questions(model, facts, heldout=heldout, prompt_format=config.prompt_format))["em"]
 
     def evaluate(model: MemoryModel) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for name, facts in sample.items():
-            out[f"{name}_em"] = qa_metrics(answer_questions(model, facts))["em"]
-        out["known_train_em"] = qa_metrics(answer_questions(model, sample["known"], heldout=False))["em"]
+            out[f"{name}_em"] = em(model, facts)
+        out["known_train_em"] = em(model, sample["known"], heldout=False)
         with model.memory_off():
-            out["known_em_memory_off"] = qa_metrics(answer_questions(model, sample["known"]))["em"]
+            out["known_em_memory_off"] = em(model, sample["known"])
         return out
 
     return evaluate
@@ -116,20 +134,24 @@ def run_pretraining(
         evaluate=periodic_evaluator(data, config), usage_rows=usage_rows, device=device,
         stop_after=stop_after, progress=progress,
     )
-    if stop_after is None or _finished(ws.pretrain_run(name), config):
+    if stop_after is None or run_finished(ws.pretrain_run(name), config):
         model.save_pretrained(ws.model(name))
     return model
 
 
-def _finished(run_dir: Path, config: PretrainConfig) -> bool:
+def run_finished(run_dir: Path, config: PretrainConfig) -> bool:
+    """Whether the pretraining run in `run_dir` has checkpointed its last step."""
     checkpoint = PretrainRunDir(run_dir).checkpoint()
     return checkpoint is not None and checkpoint["step"] >= config.steps
 
 
 def pretrain_config_of(ws: Workspace, name: str) -> PretrainConfig | None:
-    """The PretrainConfig of the workspace's pretraining run `name`, or None when there is none."""
+    """The config of the workspace's pretraining run `name` (a RetrofitConfig when it started from a base
+    model), or None when there is none."""
     config = PretrainRunDir(ws.pretrain_run(name)).config()
-    return None if config is None else PretrainConfig.from_dict(config)
+    if config is None:
+        return None
+    return (RetrofitConfig if isinstance(config, dict) and config.get("base") else PretrainConfig).from_dict(config)
 
 
 def heldout_rows(data: WorkspaceData, tokenizer, seq_len: int) -> torch.Tensor:
