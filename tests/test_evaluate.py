@@ -94,8 +94,12 @@ def trained(tokenizer) -> MemoryModel:
 
 
 def greedy_reference(model: MemoryModel, tokenizer, question: str) -> str:
-    """One question alone: no batching, no padding, no cache — full forward per step, argmax."""
-    ids = tokenizer(qa_prompt(question))["input_ids"]
+    """One question alone, as `qa_prompt` text (`greedy_ids_reference`)."""
+    return greedy_ids_reference(model, tokenizer, tokenizer(qa_prompt(question))["input_ids"])
+
+
+def greedy_ids_reference(model: MemoryModel, tokenizer, ids: list[int]) -> str:
+    """One prompt alone: no batching, no padding, no cache — a full forward per step, argmax."""
     generated: list[int] = []
     with torch.no_grad():
         for _ in range(MAX_NEW):
@@ -106,7 +110,7 @@ def greedy_reference(model: MemoryModel, tokenizer, question: str) -> str:
             generated.append(token)
             if "\n" in tokenizer.decode([token]):
                 break
-    return tokenizer.decode(generated).split("\n", 1)[0].strip()
+    return tokenizer.decode(generated, skip_special_tokens=True).split("\n", 1)[0].strip()
 
 
 # --------------------------------------------------------------------------- scoring

@@ -20,7 +20,7 @@ from smviz.errors import ConfigError
 from smviz.evaluate import answer_qa_items, answer_questions, qa_metrics
 from smviz.model import MemoryModel
 
-MAX_NEW = 12
+from test_evaluate import MAX_NEW, greedy_ids_reference  # the unbatched greedy reference, shared
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -76,21 +76,6 @@ def babbler(tokenizer, seed: int = 0) -> MemoryModel:
             weight[i] *= 2.5
     model.lm.lm_head.weight = torch.nn.Parameter(weight)
     return model.eval()
-
-
-def greedy_reference(model: MemoryModel, tokenizer, ids: list[int]) -> str:
-    """One prompt alone: no batching, no padding, no cache — a full forward per step, argmax."""
-    generated: list[int] = []
-    with torch.no_grad():
-        for _ in range(MAX_NEW):
-            logits = model(input_ids=torch.tensor([ids + generated])).logits
-            token = int(logits[0, -1].argmax())
-            if token == tokenizer.eos_token_id:
-                break
-            generated.append(token)
-            if "\n" in tokenizer.decode([token]):
-                break
-    return tokenizer.decode(generated, skip_special_tokens=True).split("\n", 1)[0].strip()
 
 
 # --------------------------------------------------------------------------- the formats
@@ -159,7 +144,7 @@ def test_answer_qa_items_match_unbatched_greedy(tokenizer, seed):
     ids = [tokenizer(qa_prompt(item.question))["input_ids"] for item in ITEMS]
     assert len({len(x) for x in ids}) == len(ITEMS)  # prompts of different lengths: batches really are padded
     rows = answer_qa_items(model, ITEMS, batch_size=3, max_new_tokens=MAX_NEW)
-    expected = [greedy_reference(model, tokenizer, x) for x in ids]
+    expected = [greedy_ids_reference(model, tokenizer, x) for x in ids]
     assert [r["prediction"] for r in rows] == expected
     assert len(set(expected)) > 1 and any(expected)  # the model says varied, non-empty things
     assert [r["fact_id"] for r in rows] == [item.id for item in ITEMS]
@@ -174,7 +159,7 @@ def test_answer_qa_items_match_unbatched_greedy(tokenizer, seed):
 def test_completion_format_puts_the_text_as_is(tokenizer):
     model = babbler(tokenizer)
     rows = answer_qa_items(model, ITEMS, batch_size=2, prompt_format="completion")
-    assert [r["prediction"] for r in rows] == [greedy_reference(model, tokenizer, tokenizer(i.question)["input_ids"]) for i in ITEMS]
+    assert [r["prediction"] for r in rows] == [greedy_ids_reference(model, tokenizer, tokenizer(i.question)["input_ids"]) for i in ITEMS]
 
 
 def test_multi_answer_scores_hand_computed(tokenizer, monkeypatch):
@@ -201,7 +186,7 @@ def test_chat_format_answers_from_the_template(chat_tokenizer):
     ids = [chat_tokenizer(f"<|user|>{i.question}\n<|assistant|>", add_special_tokens=False)["input_ids"] for i in ITEMS]
     assert [chat.encode_prompt(chat_tokenizer, i.question) for i in ITEMS] == ids
     rows = answer_qa_items(model, ITEMS, batch_size=2, prompt_format="chat")
-    expected = [greedy_reference(model, chat_tokenizer, x) for x in ids]
+    expected = [greedy_ids_reference(model, chat_tokenizer, x) for x in ids]
     assert [r["prediction"] for r in rows] == expected
     qa_rows = answer_qa_items(model, ITEMS, batch_size=2)
     assert [r["prediction"] for r in qa_rows] != expected  # a different prompt, different answers
@@ -213,4 +198,4 @@ def test_answer_questions_prompt_format_reaches_the_model(chat_tokenizer):
     model = babbler(chat_tokenizer)
     [row] = answer_questions(model, facts, prompt_format="chat")
     ids = chat_tokenizer("<|user|>Where was Ada Lovelace born?\n<|assistant|>", add_special_tokens=False)["input_ids"]
-    assert row["prediction"] == greedy_reference(model, chat_tokenizer, ids)
+    assert row["prediction"] == greedy_ids_reference(model, chat_tokenizer, ids)
