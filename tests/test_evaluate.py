@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from smviz.data.facts import Fact, Question, qa_prompt, qa_text
 from smviz.errors import ModelFileError
 from smviz.evaluate import (
+    answer_contained,
     answer_questions,
     evaluate_model,
     exact_match,
@@ -184,9 +185,10 @@ def test_batched_answers_match_unbatched_greedy(tokenizer, seed):
     expected_questions = [(f.id, q.template, q.text) for f in FACTS for q in f.heldout_questions]
     assert [(r["fact_id"], r["template"], r["question"]) for r in rows] == expected_questions
     for r in rows:
-        assert set(r) == {"fact_id", "relation", "template", "question", "gold", "prediction", "em", "f1"}
+        assert set(r) == {"fact_id", "relation", "template", "question", "gold", "prediction", "em", "f1", "contained"}
         assert r["prediction"] == greedy_reference(model, tokenizer, r["question"])
         assert r["em"] == exact_match(r["prediction"], r["gold"]) and r["f1"] == token_f1(r["prediction"], r["gold"])
+        assert r["contained"] == answer_contained(r["prediction"], r["gold"])
     lengths = [len(tokenizer(r["prediction"])["input_ids"]) for r in rows]
     assert min(lengths) < MAX_NEW - 2 and max(lengths) >= MAX_NEW - 2  # some rows stopped early, some ran on
     # batch size must not change the answers

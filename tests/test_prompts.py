@@ -17,7 +17,7 @@ from smviz.data.formats.qa import QAItem
 from smviz.data.prompts import PROMPT_FORMATS, get_prompt_format
 from smviz.data.tokenizer import EOT, train_tokenizer
 from smviz.errors import ConfigError
-from smviz.evaluate import answer_qa_items, answer_questions, qa_metrics
+from smviz.evaluate import answer_contained, answer_qa_items, answer_questions, qa_metrics
 from smviz.model import MemoryModel
 
 from test_evaluate import MAX_NEW, greedy_ids_reference  # the unbatched greedy reference, shared
@@ -149,7 +149,8 @@ def test_answer_qa_items_match_unbatched_greedy(tokenizer, seed):
     assert len(set(expected)) > 1 and any(expected)  # the model says varied, non-empty things
     assert [r["fact_id"] for r in rows] == [item.id for item in ITEMS]
     for r, item in zip(rows, ITEMS):
-        assert set(r) == {"fact_id", "relation", "template", "question", "gold", "golds", "prediction", "em", "f1"}
+        assert set(r) == {"fact_id", "relation", "template", "question", "gold", "golds", "prediction", "em", "f1", "contained"}
+        assert r["contained"] == max(answer_contained(r["prediction"], a) for a in item.answers)
         assert (r["relation"], r["template"], r["question"]) == ("qa", None, item.question)
         assert r["gold"] == item.answers[0] and r["golds"] == list(item.answers)
     assert [r["prediction"] for r in answer_qa_items(model, ITEMS, batch_size=1)] == expected

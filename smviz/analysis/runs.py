@@ -82,8 +82,8 @@ class Run:
     def metrics(self) -> pd.DataFrame:
         """One row per evaluation (metrics.jsonl): step, facts_seen, learn_em, learn_f1, stream_em,
         stream_f1, known_em, known_f1, heldout_nll, then the nested records flattened with "/": for each
-        named forgetting probe NAME (`--forget-eval NAME=QA_FILE`) forget/NAME/em, forget/NAME/f1 and
-        forget/NAME/n (its question count), and for editing streams editing/efficacy_prob,
+        named forgetting probe NAME (`--forget-eval NAME=QA_FILE`) forget/NAME/em, forget/NAME/f1,
+        forget/NAME/contained and forget/NAME/n (its question count), and for editing streams editing/efficacy_prob,
         editing/efficacy_em, editing/generalization_prob, editing/generalization_em, editing/locality_prob,
         editing/locality_em and editing/n (records). A metric the run did not measure (no known facts,
         no held-out text, no learning set) keeps its column, NaN."""

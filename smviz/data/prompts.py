@@ -34,6 +34,10 @@ def _ids(tokenizer, text: str, *, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
+# Tokens an answer may take: a chat model answers in a sentence ("The author of Dracula is Bram Stoker.").
+ANSWER_TOKENS = {"qa": 12, "completion": 12, "chat": 24}
+
+
 @dataclass(frozen=True)
 class PromptFormat:
     name: str
@@ -49,6 +53,11 @@ class PromptFormat:
                 "prompt format 'chat' needs a tokenizer with a chat_template, and this model's tokenizer has "
                 "none; use prompt format 'qa' or 'completion'"
             )
+
+    @property
+    def answer_tokens(self) -> int:
+        """How many tokens a generated answer may take in this format (`ANSWER_TOKENS`)."""
+        return ANSWER_TOKENS[self.name]
 
     def prompt(self, tokenizer, question: str) -> str:
         """The text put to the model for `question`."""

@@ -13,11 +13,11 @@ from smviz.evaluate.nll import heldout_nll, memory_usage
 from smviz.evaluate.protocol import EvalSets, evaluate_point, summarize
 from smviz.evaluate.qa import HELDOUT_QUESTIONS, TRAINING_QUESTIONS, answer_qa_items, answer_questions, generate_answers
 from smviz.evaluate.report import evaluate_model, format_report
-from smviz.evaluate.scoring import SCORING_PROTOCOL, exact_match, normalize_answer, qa_metrics, token_f1
+from smviz.evaluate.scoring import SCORING_PROTOCOL, answer_contained, exact_match, normalize_answer, qa_metrics, token_f1
 
 __all__ = [
     "EDIT_METRICS", "EDIT_PROTOCOL", "EvalSets", "HELDOUT_QUESTIONS", "PairwiseCosine", "SCORING_PROTOCOL",
-    "TRAINING_QUESTIONS", "answer_qa_items", "answer_questions", "edit_scores", "eval_mode", "evaluate_model",
+    "TRAINING_QUESTIONS", "answer_contained", "answer_qa_items", "answer_questions", "edit_scores", "eval_mode", "evaluate_model",
     "evaluate_point", "exact_match", "format_report", "generate_answers", "heldout_nll", "mean_edit_metrics",
     "memory_activity", "memory_health", "memory_usage", "normalize_answer", "qa_metrics", "score_continuations",
     "summarize", "token_f1", "value_movement",

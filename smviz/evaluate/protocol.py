@@ -78,14 +78,17 @@ class EvalSets:
         return out
 
 
-def _em_f1(rows: list[dict[str, Any]]) -> dict[str, Any]:
+PROBE_METRICS = ("em", "f1", "contained")
+
+
+def _probe_metrics(rows: list[dict[str, Any]]) -> dict[str, Any]:
     m = qa_metrics(rows)
-    return {"em": m["em"], "f1": m["f1"], "n": m["n"]}
+    return {k: m[k] for k in (*PROBE_METRICS, "n")}
 
 
 def evaluate_point(model: MemoryModel, sets: EvalSets, seen: int) -> dict[str, Any]:
     """One evaluation after `seen` stream items: learning EM/F1 (on the learning QA set, else on the
-    first `seen` stream facts), EM/F1 on all stream facts, known-fact EM/F1, each probe's EM/F1, the
+    first `seen` stream facts), EM/F1 on all stream facts, known-fact EM/F1, each probe's EM/F1/contained, the
     editing metrics of an editing stream, held-out NLL. A metric that is not measured is None."""
     fmt = sets.prompt_format
     out: dict[str, Any] = {"facts_seen": seen, "learn_em": None, "learn_f1": None, "stream_em": None, "stream_f1": None}
@@ -104,7 +107,7 @@ def evaluate_point(model: MemoryModel, sets: EvalSets, seen: int) -> dict[str, A
     out["known_em"] = known["em"] if known else None
     out["known_f1"] = known["f1"] if known else None
     if sets.probes:
-        out["forget"] = {name: _em_f1(answer_qa_items(model, items, prompt_format=fmt)) for name, items in sorted(sets.probes.items())}
+        out["forget"] = {name: _probe_metrics(answer_qa_items(model, items, prompt_format=fmt)) for name, items in sorted(sets.probes.items())}
     if sets.kind == "edits":
         means = mean_edit_metrics(edit_scores(model, sets.stream, prompt_format=sets.edit_format))
         out["editing"] = {k: means[k] for k in (*EDIT_METRICS, "n")}
@@ -136,7 +139,7 @@ def summarize(start: dict[str, Any], end: dict[str, Any]) -> dict[str, Any]:
     if "forget" in start:
         out["forget"] = {
             name: {m: {"start": probe[m], "end": end["forget"][name][m], "relative_drop": _rel_drop(probe[m], end["forget"][name][m])}
-                   for m in ("em", "f1")}
+                   for m in PROBE_METRICS if m in probe}
             for name, probe in start["forget"].items()}
     if "editing" in start:
         out["editing"] = {m: {"start": start["editing"][m], "end": end["editing"][m], "change": _diff(start["editing"][m], end["editing"][m])}

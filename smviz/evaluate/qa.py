@@ -17,7 +17,7 @@ from smviz.data.formats.qa import QAItem
 from smviz.data.prompts import get_prompt_format
 from smviz.errors import ConfigError, InputError, ModelFileError
 from smviz.evaluate.mode import eval_mode
-from smviz.evaluate.scoring import exact_match, token_f1
+from smviz.evaluate.scoring import answer_contained, exact_match, token_f1
 
 if TYPE_CHECKING:
     from smviz.model import MemoryModel
@@ -112,14 +112,16 @@ def generate_answers(
 
 
 def _predict(
-    model: MemoryModel, questions: list[str], *, prompt_format: str, batch_size: int, max_new_tokens: int
+    model: MemoryModel, questions: list[str], *, prompt_format: str, batch_size: int, max_new_tokens: int | None
 ) -> list[str]:
-    """The answers to `questions`, each put to the model in `prompt_format`."""
+    """The answers to `questions`, each put to the model in `prompt_format`, at most `max_new_tokens`
+    tokens long (None: the format's `answer_tokens`)."""
     tokenizer = model.require_tokenizer("answering questions")
     fmt = get_prompt_format(prompt_format)
     fmt.check(tokenizer)
     prompt_ids = [fmt.encode_prompt(tokenizer, q) for q in questions]
-    return generate_answers(model, prompt_ids, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return generate_answers(model, prompt_ids, batch_size=batch_size,
+                            max_new_tokens=fmt.answer_tokens if max_new_tokens is None else max_new_tokens)
 
 
 def answer_questions(
@@ -128,7 +130,7 @@ def answer_questions(
     *,
     heldout: bool = True,
     batch_size: int = 32,
-    max_new_tokens: int = 12,
+    max_new_tokens: int | None = None,
     prompt_format: str = "qa",
 ) -> list[dict[str, Any]]:
     """Ask every fact's held-out questions (training-template questions with `heldout=False`) and
@@ -136,10 +138,11 @@ def answer_questions(
 
     Protocol: the prompt is exactly the question in `prompt_format` (`smviz.data.prompts`; `qa`:
     `qa_prompt(question.text)` with the tokenizer's default special tokens), answered by
-    `generate_answers` (greedy, at most `max_new_tokens` tokens, cut at the first newline).
+    `generate_answers` (greedy, at most `max_new_tokens` tokens, by default the format's `answer_tokens`,
+    cut at the first newline).
 
     Returns one row per question, in fact order: fact_id, relation, template, question, gold,
-    prediction, em, f1.
+    prediction, em, f1, contained.
     """
     rows: list[dict[str, Any]] = []
     for fact in facts:
@@ -153,6 +156,7 @@ def answer_questions(
         r["prediction"] = prediction
         r["em"] = exact_match(prediction, r["gold"])
         r["f1"] = token_f1(prediction, r["gold"])
+        r["contained"] = answer_contained(prediction, r["gold"])
     return rows
 
 
@@ -161,16 +165,16 @@ def answer_qa_items(
     items: Iterable[QAItem],
     *,
     batch_size: int = 32,
-    max_new_tokens: int = 12,
+    max_new_tokens: int | None = None,
     prompt_format: str = "qa",
 ) -> list[dict[str, Any]]:
     """Ask every item of a QA evaluation set its question and score the answer against all its
     answers, as `answer_questions` does (same protocol).
 
-    Any answer counts as correct: em and f1 are the maxima over the item's answers (SQuAD's
+    Any answer counts as correct: em, f1 and contained are the maxima over the item's answers (SQuAD's
     multi-answer rule). Returns one row per item, in order: fact_id (the item's id), relation
     ("qa"), template (None), question, gold (the first answer), golds (all of them), prediction,
-    em, f1; `qa_metrics` takes these rows as they are.
+    em, f1, contained; `qa_metrics` takes these rows as they are.
     """
     items = list(items)
     predictions = _predict(model, [item.question for item in items], prompt_format=prompt_format,
@@ -181,6 +185,7 @@ def answer_qa_items(
             "gold": item.answers[0], "golds": list(item.answers), "prediction": prediction,
             "em": max(exact_match(prediction, a) for a in item.answers),
             "f1": max(token_f1(prediction, a) for a in item.answers),
+            "contained": max(answer_contained(prediction, a) for a in item.answers),
         }
         for item, prediction in zip(items, predictions)
     ]

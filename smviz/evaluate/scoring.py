@@ -1,5 +1,6 @@
-"""SQuAD-style answer scoring: `normalize_answer`, `exact_match`, `token_f1`, and `qa_metrics`, the
-mean EM/F1 of scored answers overall and per relation. Every result names its protocol."""
+"""SQuAD-style answer scoring: `normalize_answer`, `exact_match`, `token_f1`, `answer_contained` (for
+chat models, which answer in sentences), and `qa_metrics`, the mean EM/F1/contained of scored answers
+overall and per relation. Every result names its protocol."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any
 
 SCORING_PROTOCOL = (
     "SQuAD normalisation (lowercase, punctuation and articles a/an/the removed, whitespace collapsed); "
-    "exact match and token-overlap F1, mean over questions"
+    "exact match, token-overlap F1, and contained (the gold's normalised tokens appear contiguously in the "
+    "answer's), mean over questions"
 )
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -45,13 +47,26 @@ def token_f1(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def answer_contained(prediction: str, gold: str) -> float:
+    """1.0 when the normalised gold is a contiguous run of the normalised prediction's tokens, else 0.0.
+
+    A chat model answers "The capital of France is Paris.", which EM scores 0 and F1 0.33 against
+    "Paris"; containment scores it 1. Tokens are matched whole, so "Parisian" does not contain "Paris"."""
+    pred = normalize_answer(prediction).split()
+    ref = normalize_answer(gold).split()
+    if not ref:
+        return float(not pred)
+    n = len(ref)
+    return float(any(pred[i : i + n] == ref for i in range(len(pred) - n + 1)))
+
+
 def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
 def qa_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean EM and F1 over `answer_questions` rows, with the count, and EM/F1/count per relation
-    (None for an empty set)."""
+    """Mean EM, F1 and contained over `answer_questions` rows, with the count, and EM/F1/count per
+    relation (None for an empty set; contained is None unless every row carries it)."""
     by_relation: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         by_relation[r["relation"]].append(r)
@@ -59,6 +74,7 @@ def qa_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "protocol": SCORING_PROTOCOL,
         "em": _mean([r["em"] for r in rows]),
         "f1": _mean([r["f1"] for r in rows]),
+        "contained": _mean([r["contained"] for r in rows]) if all("contained" in r for r in rows) else None,
         "n": len(rows),
         "per_relation": {
             rel: {"em": _mean([r["em"] for r in rs]), "f1": _mean([r["f1"] for r in rs]), "n": len(rs)}
