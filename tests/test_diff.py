@@ -220,6 +220,59 @@ def test_question_access_shift_probes_the_held_out_questions(ws):
         question_access_shift(before, after, [])
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_question_access_shift_in_a_prompt_format(ws):
+    """qa (the default, and named): exactly the qa_prompt texts' prompt_access_shift, attrs included;
+    chat: the probe is the chat template's prompts of the held-out questions, written out by hand."""
+    from smviz.analysis import question_access_shift
+    from smviz.analysis.shift import prompt_access_shift
+    from smviz.data.facts import qa_prompt
+
+    before = MemoryModel.from_pretrained(ws["base"])
+    after = MemoryModel.from_pretrained(ws["run"] / "model")
+    with torch.no_grad():
+        after.memory_layers[1].query.weight.mul_(-1.0)
+    facts = ws["facts"]
+    held_out = [f"In which city was {f.subject} born?" for f in facts]
+    qa_ref = prompt_access_shift(before, after, [qa_prompt(q) for q in held_out],
+                                 what="the 3 facts' held-out questions as qa_prompt text")
+    for shift in (question_access_shift(before, after, facts), question_access_shift(before, after, facts, prompt_format="qa")):
+        assert shift.equals(qa_ref) and shift.attrs == qa_ref.attrs
+    with pytest.raises(ConfigError, match="chat_template"):  # the micro tokenizer has no chat template
+        question_access_shift(before, after, facts, prompt_format="chat")
+    before.tokenizer.chat_template = CHAT_TEMPLATE
+    chat = question_access_shift(before, after, facts, prompt_format="chat")
+    chat_prompts = [f"<|user|>{q}\n<|assistant|>" for q in held_out]
+    assert chat.equals(access_shift(before, after, chat_prompts))
+    assert not chat.equals(qa_ref)
+    assert chat.attrs["probe_size"] == 3 and "held-out questions as chat prompt text (3 prompts)" in chat.attrs["protocol"]
+    with pytest.raises(ConfigError, match="unknown prompt format"):
+        question_access_shift(before, after, facts, prompt_format="yaml")
+
+
+def test_fact_shift_in_a_prompt_format(ws):
+    """fact_shift's answers are answer_questions' in the format asked: qa with its 12 answer tokens by
+    default, chat through the template (24 tokens); the chat answers are not the qa ones."""
+    from smviz.evaluate import answer_questions
+
+    before = MemoryModel.from_pretrained(ws["base"])
+    after = MemoryModel.from_pretrained(ws["run"] / "model")
+    facts = ws["facts"]
+    qa = fact_shift(before, after, facts)
+    assert qa.equals(fact_shift(before, after, facts, prompt_format="qa", max_new_tokens=12))
+    for m in (before, after):
+        m.tokenizer.chat_template = CHAT_TEMPLATE
+    chat = fact_shift(before, after, facts, prompt_format="chat")
+    for side, m in (("before", before), ("after", after)):
+        rows = answer_questions(m, facts, prompt_format="chat", max_new_tokens=24)
+        assert chat[f"answer_{side}"].tolist() == [r["prediction"] for r in rows]
+        assert chat[f"f1_{side}"].tolist() == [r["f1"] for r in rows]
+    assert chat[["answer_before", "answer_after"]].to_numpy().tolist() != qa[["answer_before", "answer_after"]].to_numpy().tolist()
+
+
 def test_audit_with_a_run_needs_its_own_final_model(ws, tmp_path):
     from smviz.analysis import check_run_model, run_diff
 

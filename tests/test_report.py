@@ -422,3 +422,71 @@ def test_diff_items_detect_counterfact_and_refuse_qa(ws, edits_run, tmp_path, ca
     assert err.count("\n") == 0 and err.startswith("smviz report diff: error:") and "Traceback" not in err
     assert "holds Q/A items" in err and "a diff report compares facts or editing records" in err
     assert list(out.parent.iterdir()) == []
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_diff_of_a_chat_run_asks_in_chat(ws, tmp_path):
+    """A diff of a run made with --prompt-format chat asks the new and the known facts in chat, as the run
+    did (its evaluation protocol says so; the facts stream's identity does not): learning and known
+    numbers are qa_metrics of answer_questions in chat on both models, the per-question answers are those
+    answers (not the qa ones), the access shift probes the chat prompts and the protocols name the format.
+    --prompt-format qa asks in qa again. The untrained micro model answers nothing right, so each fact's
+    gold is set to the before model's chat answer to its first held-out question: chat scores > 0, qa 0."""
+    from smviz.analysis import Run, question_access_shift
+    from smviz.data.facts import read_facts, write_facts
+    from smviz.evaluate import answer_questions, qa_metrics
+    from smviz.model import MemoryModel
+    from smviz.train.finetune import FinetuneConfig
+    from smviz.workspace.stages import run_finetune
+
+    model = MemoryModel.from_pretrained(ws.model("micro"))
+    model.tokenizer.chat_template = CHAT_TEMPLATE
+    model.save_pretrained(tmp_path / "chat-model")
+    config = FinetuneConfig(method="full", batch_size=2, steps_per_fact=1, eval_every=3, composition="statements")
+    run_finetune(tmp_path / "chat-model", tmp_path / "run", config, stream=ws.data / "facts-new.jsonl",
+                 known=ws.data / "facts-known.jsonl", prompt_format="chat", max_facts=3, known_facts=4, progress=False)
+    run = Run(tmp_path / "run")
+    assert "prompt_format" not in run.identity["stream"] and run.identity["evaluation"]["prompt_format"] == "chat"
+
+    before, after = MemoryModel.from_pretrained(tmp_path / "chat-model"), MemoryModel.from_pretrained(tmp_path / "run" / "model")
+    sets = {}
+    for name in ("new", "known"):
+        facts = read_facts(ws.data / f"facts-{name}.jsonl")[:6]
+        first = {}
+        for r in answer_questions(before, facts, prompt_format="chat"):
+            first.setdefault(r["fact_id"], r["prediction"] or "nothing")
+        sets[name] = [dataclasses.replace(f, answer=first[f.id]) for f in facts]
+        write_facts(tmp_path / f"{name}.jsonl", sets[name])
+    args = ["report", "diff", "--before", str(tmp_path / "chat-model"), "--after", str(tmp_path / "run" / "model"),
+            "--facts", str(tmp_path / "new.jsonl"), "--known", str(tmp_path / "known.jsonl"), "--out"]
+    assert main(args + [str(tmp_path / "chat.html")]) == 0
+    rep = json.loads((tmp_path / "chat.json").read_text())
+    assert rep["inputs"]["run"] == str(run.path)
+
+    def numbers(report, fmt):
+        """The report's learning/known rows checked against answer_questions in `fmt`; its per-question answers."""
+        shown = {m["metric"]: m for m in report["summary"]["metrics"]}
+        for name, metric in (("new", "learning"), ("known", "known")):
+            for side, m in (("before", before), ("after", after)):
+                ref = qa_metrics(answer_questions(m, sets[name], prompt_format=fmt))
+                assert [shown[f"{metric}_{k}"][side] for k in ("em", "f1")] == pytest.approx([ref["em"], ref["f1"]]), (name, side)
+        return shown, [[q["answer_before"], q["answer_after"]] for q in report["facts"]["questions"]]
+
+    shown, chat_answers = numbers(rep, "chat")
+    assert shown["learning_em"]["before"] > 0 and shown["known_em"]["before"] > 0  # the golds are chat answers
+    assert chat_answers == [[r["prediction"], s["prediction"]] for r, s in zip(
+        answer_questions(before, sets["new"], prompt_format="chat"), answer_questions(after, sets["new"], prompt_format="chat"))]
+    ash = question_access_shift(before, after, sets["new"], prompt_format="chat")
+    assert rep["access_shift"]["jaccard"] == pytest.approx(ash["jaccard"].tolist())
+    assert "as chat prompt text" in rep["access_shift"]["protocol"]
+    assert rep["summary"]["protocol"].count("asked in prompt format chat") == 2  # learning and known
+    assert "asked in prompt format chat" in rep["facts"]["protocol"]
+
+    assert main(args + [str(tmp_path / "qa.html"), "--prompt-format", "qa"]) == 0
+    qa = json.loads((tmp_path / "qa.json").read_text())
+    shown, qa_answers = numbers(qa, "qa")
+    assert qa_answers != chat_answers and shown["learning_em"]["before"] == 0 == shown["known_em"]["before"]
+    assert "prompt format" not in qa["summary"]["protocol"] and "as qa_prompt text" in qa["access_shift"]["protocol"]

@@ -3,9 +3,10 @@
 - `access_shift(before, after, probe)`: per probe token and memory layer, Jaccard of the slot sets read;
 - `prompt_access_shift(before, after, prompts, what=...)`: the same on prompt texts, with the probe's size
   and protocol in `attrs` — a diff's access shift (on editing records: their rewrite and paraphrase prompts);
-- `question_access_shift(before, after, facts)`: `prompt_access_shift` on the facts' held-out questions —
-  THE access shift of a facts diff (the diff report and the app's Diff page both show it);
-- `fact_shift(before, after, facts)`: per question, answer and F1 before vs after.
+- `question_access_shift(before, after, facts, prompt_format=...)`: `prompt_access_shift` on the facts'
+  held-out questions in a prompt format — THE access shift of a facts diff (the diff report and the app's
+  Diff page both show it);
+- `fact_shift(before, after, facts, prompt_format=...)`: per question, answer and F1 before vs after.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import pandas as pd
 import torch
 
 from smviz.analysis.diff import check_comparable
-from smviz.data.facts import Fact, qa_prompt
+from smviz.data.facts import Fact
+from smviz.data.prompts import get_prompt_format
 from smviz.data.tokenizer import right_pad
 from smviz.errors import AnalysisError
 from smviz.evaluate import answer_questions
@@ -79,32 +81,37 @@ def prompt_access_shift(before: MemoryModel, after: MemoryModel, prompts: Sequen
     return shift
 
 
-def question_access_shift(before: MemoryModel, after: MemoryModel, facts: Sequence[Fact]) -> pd.DataFrame:
+def question_access_shift(before: MemoryModel, after: MemoryModel, facts: Sequence[Fact], *,
+                          prompt_format: str = "qa") -> pd.DataFrame:
     """`prompt_access_shift` on the facts' questions — the protocol of a facts diff's access shift: the
-    probe is every held-out question of `facts` as `qa_prompt` text (what the evaluation asks; when none
-    of the facts has held-out questions, all their questions). Columns as `access_shift`;
-    `attrs["probe_size"]` is the number of prompts and `attrs["protocol"]` says how the probe was made."""
+    probe is every held-out question of `facts` as prompt text in `prompt_format` (`smviz.data.prompts`;
+    qa: `qa_prompt` text; chat: the tokenizer's chat template — what the evaluation asks; when none of the
+    facts has held-out questions, all their questions). Columns as `access_shift`; `attrs["probe_size"]`
+    is the number of prompts and `attrs["protocol"]` says how the probe was made, naming the format."""
     facts = list(facts)
     if not facts:
         raise AnalysisError("no facts given: the access shift probes the facts' questions")
-    probe = [qa_prompt(q.text) for f in facts for q in f.heldout_questions]
+    fmt = get_prompt_format(prompt_format)
+    probe = [fmt.prompt(before.tokenizer, q.text) for f in facts for q in f.heldout_questions]
     which = "held-out questions"
     if not probe:
-        probe, which = [qa_prompt(q.text) for f in facts for q in f.questions], "questions (none is held out)"
-    return prompt_access_shift(before, after, probe, what=f"the {len(facts)} facts' {which} as qa_prompt text")
+        probe, which = [fmt.prompt(before.tokenizer, q.text) for f in facts for q in f.questions], "questions (none is held out)"
+    text = "qa_prompt text" if fmt.name == "qa" else f"{fmt.name} prompt text"
+    return prompt_access_shift(before, after, probe, what=f"the {len(facts)} facts' {which} as {text}")
 
 
 def fact_shift(before: MemoryModel, after: MemoryModel, facts: Sequence[Fact], *, heldout: bool = True,
-               max_new_tokens: int = 12) -> pd.DataFrame:
+               prompt_format: str = "qa", max_new_tokens: int | None = None) -> pd.DataFrame:
     """Per question of `facts` (held-out templates; training ones with heldout=False): the greedy
-    answer and its EM / token F1 under `before` and `after` (`smviz.evaluate.answer_questions`).
+    answer and its EM / token F1 under `before` and `after` (`smviz.evaluate.answer_questions`, asked in
+    `prompt_format`; at most `max_new_tokens` answer tokens, by default the format's `answer_tokens`).
     Columns: fact_id, question, gold, answer_before, answer_after, em_before, em_after, f1_before,
     f1_after, delta_f1 (after − before), answer_changed."""
     facts = list(facts)
     if not facts:
         raise AnalysisError("no facts given: pass at least one Fact")
-    rb = answer_questions(before, facts, heldout=heldout, max_new_tokens=max_new_tokens)
-    ra = answer_questions(after, facts, heldout=heldout, max_new_tokens=max_new_tokens)
+    rb, ra = (answer_questions(m, facts, heldout=heldout, prompt_format=prompt_format, max_new_tokens=max_new_tokens)
+              for m in (before, after))
     rows = [{
         "fact_id": x["fact_id"], "question": x["question"], "gold": x["gold"],
         "answer_before": x["prediction"], "answer_after": y["prediction"], "em_before": x["em"], "em_after": y["em"],

@@ -3,7 +3,9 @@ knowledge-editing records (the editing metrics) — the --facts file, either kin
 —, optional known facts and held-out text (forgetting), their value rows (what changed, the
 frozen-parameter audit), per item (answers or continuations, slots trained, entity share), access shift on
 the items' prompts, overlap of the items' slot sets and the top changed slots with contexts — one
-JSON-able dict. Every number comes from `smviz.analysis` / `smviz.evaluate`; nothing is re-implemented here."""
+JSON-able dict. Questions are asked in the prompt format of the run that made the after model (or the one
+given; qa without either). Every number comes from `smviz.analysis` / `smviz.evaluate`; nothing is
+re-implemented here."""
 
 from __future__ import annotations
 
@@ -21,12 +23,13 @@ from smviz.analysis import (
     slot_entity_profile,
 )
 from smviz.data.facts import read_facts
+from smviz.data.prompts import get_prompt_format
 from smviz.errors import InputError, ModelFileError, SmvizError
 from smviz.evaluate import SCORING_PROTOCOL, answer_questions, heldout_nll, qa_metrics
 from smviz.model import MemoryModel
 from smviz.record import record_texts
 from smviz.report.common import REPORT_FORMAT, number, records
-from smviz.report.diff_items import metric_row, read_diff_items
+from smviz.report.diff_items import asked_in, metric_row, question_format, read_diff_items
 from smviz.train.methods import VALUE_ROWS, get_method
 
 log = logging.getLogger(__name__)
@@ -66,12 +69,16 @@ def _runs_owning(model_dir: Path) -> list[Run]:
 def build_diff_report(
     before_dir: str | os.PathLike, after_dir: str | os.PathLike, facts_path: str | os.PathLike,
     known_path: str | os.PathLike | None = None, *, heldout_path: str | os.PathLike | None = None,
-    run_dir: str | os.PathLike | None = None, top_slots: int = 5, contexts: int = 3,
+    run_dir: str | os.PathLike | None = None, top_slots: int = 5, contexts: int = 3, prompt_format: str | None = None,
 ) -> dict[str, Any]:
     """Compute every number of a diff report (see the module docstring). `facts_path`: new facts or
     editing records (detected by content, `read_diff_items`); `known_path` (optional): known facts for
-    forgetting. Reads and checks all inputs before any heavy work; writes nothing except a temporary trace
-    that is removed."""
+    forgetting; `prompt_format`: how questions are put to the models (`smviz.data.prompts`; editing
+    prompts in its `edit_prompt_format`), None: as the finetuning run of --after asked them, else qa.
+    Reads and checks all inputs before any heavy work; writes nothing except a temporary trace that is
+    removed."""
+    if prompt_format is not None:
+        get_prompt_format(prompt_format)  # an unknown name is refused before anything is read
     items = read_diff_items(facts_path)
     known = None
     if known_path is not None:
@@ -87,7 +94,10 @@ def build_diff_report(
     if before.tokenizer is None:
         raise ModelFileError(f"{before_dir} holds no tokenizer; a diff report asks questions")
     run = _find_run(Path(after_dir), run_dir, before, after)
-    items = items.for_run(run)
+    items = items.for_run(run, prompt_format)
+    questions = prompt_format or question_format(run)  # the known facts' format (for facts: the items')
+    for fmt in {items.prompt_format, *([questions] if known is not None else [])}:
+        get_prompt_format(fmt).check(before.tokenizer)
     kind, noun = items.kind, items.noun
     hashes = {"before": before.model_hash, "after": after.model_hash}
     tag = f"models {hashes['before']} → {hashes['after']}"
@@ -105,9 +115,9 @@ def build_diff_report(
     metrics = list(compared.metrics)
     known_protocol = "known facts: not measured (no --known given)"
     if known is not None:
-        kb, ka = qa_metrics(answer_questions(before, known)), qa_metrics(answer_questions(after, known))
+        kb, ka = (qa_metrics(answer_questions(m, known, prompt_format=questions)) for m in (before, after))
         metrics += [metric_row(f"known_{m}", kb[m], ka[m], drop=True) for m in ("em", "f1")]
-        known_protocol = f"known: held-out templates of the {len(known)} facts of {Path(known_path).name}"
+        known_protocol = f"known: held-out templates of the {len(known)} facts of {Path(known_path).name}{asked_in(questions)}"
     scoring = f"; QA scoring: {SCORING_PROTOCOL}" if kind == "facts" or known is not None else ""
     nll_protocol = "not computed (no --heldout given)"
     if articles is not None:

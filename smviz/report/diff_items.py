@@ -2,7 +2,9 @@
 per question) or knowledge-editing records (`EditItems`: the six editing metrics, the greedy continuation
 of each rewrite prompt). Each kind gives its summary rows and per-item table (`compare`), the texts whose
 reads under the before model define an item's trained slots (`documents`), and the access-shift probe
-(`access_shift`). `read_diff_items` reads either kind, detected by content (smviz.data.formats)."""
+(`access_shift`). Questions and prompts are put to the models in the prompt format of the finetuning run
+that made the after model (`question_format`), as the run itself asked them. `read_diff_items` reads
+either kind, detected by content (smviz.data.formats)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from smviz.analysis.shift import prompt_access_shift
 from smviz.data.edits import EditRecord
 from smviz.data.facts import STATEMENT, Entity, Fact, fact_doc_id, parse_fact_doc_id, read_facts
 from smviz.data.formats import KIND_NOUNS, data_formats, load_records
-from smviz.data.prompts import get_prompt_format
+from smviz.data.prompts import edit_prompt_format, get_prompt_format
 from smviz.errors import InputError
 from smviz.evaluate import EDIT_METRICS, EDIT_PROTOCOL, answer_questions, edit_scores, generate_answers, mean_edit_metrics, qa_metrics
 from smviz.model import MemoryModel
@@ -38,6 +40,17 @@ def metric_row(name: str, before: float | None, after: float | None, *, drop: bo
             "relative_drop": number(rel_drop(before, after)) if drop else None}
 
 
+def question_format(run: Run | None) -> str:
+    """The prompt format `run` asked its questions in: its evaluation protocol (config.json) names it when
+    it is not qa (`EvalSets.describe`); qa without a run."""
+    return (run.identity.get("evaluation") or {}).get("prompt_format", "qa") if run is not None else "qa"
+
+
+def asked_in(prompt_format: str) -> str:
+    """A protocol's note of the prompt format questions are asked in: nothing for qa, the default."""
+    return "" if prompt_format == "qa" else f", asked in prompt format {prompt_format}"
+
+
 @dataclass(frozen=True)
 class Comparison:
     """A kind's numbers: summary rows and what they measured, per-item rows (without the slot columns the
@@ -54,6 +67,7 @@ class Comparison:
 class FactItems:
     path: Path
     items: list[Fact]
+    prompt_format: str = "qa"  # how the questions are put to the model (the run's, when known)
     kind = "facts"
     noun = "facts"
     texts_desc = "the fact's statements"
@@ -63,8 +77,9 @@ class FactItems:
     def ids(self) -> list[str]:
         return [f.id for f in self.items]
 
-    def for_run(self, run: Run | None) -> FactItems:
-        return self
+    def for_run(self, run: Run | None, prompt_format: str | None = None) -> FactItems:
+        """The facts asked in `prompt_format`, else in the format `run` asked its questions in."""
+        return replace(self, prompt_format=prompt_format or question_format(run))
 
     def documents(self, tokenizer: Any) -> list[Document]:
         return [Document(fact_doc_id(f.id, STATEMENT, i), s) for f in self.items for i, s in enumerate(f.statements)]
@@ -76,9 +91,10 @@ class FactItems:
         return [e for f in self.items for e in f.entities]
 
     def compare(self, before: MemoryModel, after: MemoryModel) -> Comparison:
-        learn_b, learn_a = qa_metrics(answer_questions(before, self.items)), qa_metrics(answer_questions(after, self.items))
+        pf = self.prompt_format
+        learn_b, learn_a = (qa_metrics(answer_questions(m, self.items, prompt_format=pf)) for m in (before, after))
         metrics = [metric_row(f"learning_{m}", learn_b[m], learn_a[m]) for m in ("em", "f1")]
-        shift = fact_shift(before, after, self.items)
+        shift = fact_shift(before, after, self.items, prompt_format=pf)
         rows = []
         for f in self.items:
             q = shift[shift["fact_id"] == f.id]
@@ -91,12 +107,12 @@ class FactItems:
                 "f1_after": number(q["f1_after"].mean()) if len(q) else None,
             })
         return Comparison(
-            metrics, f"Learning: held-out question templates of the {len(self.items)} facts of {self.path.name}", rows,
-            "Answers and F1 from smviz.analysis.fact_shift (held-out templates; answer_* is the first question's, f1_* "
-            "the mean over the fact's questions).", {"questions": records(shift)})
+            metrics, f"Learning: held-out question templates of the {len(self.items)} facts of {self.path.name}{asked_in(pf)}",
+            rows, f"Answers and F1 from smviz.analysis.fact_shift (held-out templates{asked_in(pf)}; answer_* is the first "
+            "question's, f1_* the mean over the fact's questions).", {"questions": records(shift)})
 
     def access_shift(self, before: MemoryModel, after: MemoryModel) -> pd.DataFrame:
-        return question_access_shift(before, after, self.items)
+        return question_access_shift(before, after, self.items, prompt_format=self.prompt_format)
 
 
 @dataclass(frozen=True)
@@ -117,8 +133,11 @@ class EditItems:
         return (f"the record's rewrite text (the rewrite prompt followed by target_new, as {self.prompt_format} "
                 "training text: what finetuning on the record trains on)")
 
-    def for_run(self, run: Run | None) -> EditItems:
-        """The records put to the models in the prompt format `run` trained them in (if it trained on edits)."""
+    def for_run(self, run: Run | None, prompt_format: str | None = None) -> EditItems:
+        """The records put to the models as editing prompts of question format `prompt_format`
+        (`edit_prompt_format`), else in the prompt format `run` trained them in (if it trained on edits)."""
+        if prompt_format is not None:
+            return replace(self, prompt_format=edit_prompt_format(prompt_format))
         stream = (run.identity.get("stream") or {}) if run is not None else {}
         return replace(self, prompt_format=stream.get("prompt_format", self.prompt_format)) if stream.get("kind") == "edits" else self
 
