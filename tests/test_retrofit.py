@@ -20,7 +20,9 @@ from smviz.data.tokenizer import train_tokenizer
 from smviz.data.world import WorldConfig
 from smviz.errors import ConfigError, ModelFileError
 from smviz.evaluate import heldout_nll, memory_activity
-from smviz.model import MemoryModel, import_model, load_base_model, preset
+from smviz.data.corpus import Article
+from smviz.evaluate.probe import answering_model
+from smviz.model import MemoryModel, import_model, load_base_model, model_dir_hash, preset
 from smviz.train.data import world_documents
 from smviz.train.pretrain import RetrofitConfig, build_model
 from smviz.train.rundir import PretrainRunDir
@@ -28,6 +30,8 @@ from smviz.workspace import Workspace
 from smviz.workspace.stages import (
     background_stats, build_data, heldout_rows, load_data, make_stream, pretrain_config_of, run_retrofit,
 )
+from smviz.workspace.stages.data import WorkspaceData
+from smviz.workspace.stages.replay import REPLAY_FILE, REPLAY_TOKENS, replay_questions, replay_texts
 
 MEMORY = {"n_keys": 16, "heads": 2, "knn": 4, "k_dim": 32, "value_lr_mult": 10}
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -195,6 +199,80 @@ def test_chat_format_writes_one_conversation_per_qa_pair(ws):
     with pytest.raises(ConfigError, match="chat_template"):
         world_documents(world.known, world.known, copies=1, seed=0, prompt_format="chat",
                         tokenizer=train_tokenizer(["a b c"] * 10, vocab_size=300))
+
+
+def greedy_answer(model: MemoryModel, ids: list[int], max_new: int) -> str:
+    """One prompt alone, a full forward per token, argmax; stops at eos or a newline (the reference)."""
+    tokenizer, generated = model.tokenizer, []
+    with torch.no_grad():
+        for _ in range(max_new):
+            token = int(model(input_ids=torch.tensor([ids + generated])).logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            generated.append(token)
+            if "\n" in tokenizer.decode([token]):
+                break
+    return tokenizer.decode(generated, skip_special_tokens=True).split("\n", 1)[0].strip()
+
+
+def test_replay_questions_skip_what_the_probe_asks():
+    titles = ["Paris", "Mona Lisa", "Zebra crossing", "Tokyo", "Quartz"]  # a probe answer, in a question, neither...
+    data = WorkspaceData(world=None, corpus_train=[Article(f"a{i}", t, "text") for i, t in enumerate(titles)], corpus_heldout=[])
+    questions = replay_questions(data, 10, seed=0)
+    assert sorted(questions) == ["What is Quartz?", "What is Zebra crossing?"]
+    assert replay_questions(data, 1, seed=0)[0] in questions
+
+
+@pytest.fixture(scope="module")
+def talkative(ws) -> Path:
+    """The base with its output rows of newline-bearing tokens and eos zeroed: a random micro Llama
+    otherwise answers every chat question with a newline, i.e. nothing."""
+    lm, tokenizer, _ = load_base_model(ws.model("base"))
+    quiet = [i for i in range(len(tokenizer)) if "\n" in tokenizer.decode([i])] + [tokenizer.eos_token_id]
+    lm.config.tie_word_embeddings = False
+    lm.lm_head.weight = torch.nn.Parameter(lm.lm_head.weight.detach().clone())
+    with torch.no_grad():
+        lm.lm_head.weight[quiet] = 0.0
+    src = ws.root / "hf-talkative"
+    lm.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    import_model(src, ws.model("talkative"))
+    return ws.model("talkative")
+
+
+def test_replay_trains_on_the_base_models_own_answers(ws, talkative):
+    cfg = config(ws, base=str(talkative), replay=3, prompt_format="chat", steps=4, eval_every=4, checkpoint_every=4,
+                 seq_len=128)  # whole replay texts, answers included
+    run_retrofit(ws, "replay", cfg, device=CPU, progress=False)
+    path = ws.pretrain_run("replay") / REPLAY_FILE
+    head, *records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert head["base_model_hash"] == model_dir_hash(talkative) and head["questions"] == 3
+    assert len(records) == 3 and all(r["answer"] for r in records)
+    base = answering_model(talkative)
+    chat = get_prompt_format("chat")
+    expected = []
+    for q in replay_questions(load_data(ws.data), 3, seed=0):
+        answer = greedy_answer(base, chat.encode_prompt(base.tokenizer, q), REPLAY_TOKENS)
+        stop = answer.rfind(".")
+        if answer:
+            expected.append({"question": q, "answer": answer[: stop + 1] if stop > 0 else answer})
+    assert records == expected
+    texts = replay_texts(path.parent, base, head["base_model_hash"], load_data(ws.data), n=3, seed=0, prompt_format="chat")
+    assert texts == [chat.training_text(base.tokenizer, r["question"], r["answer"]) for r in records]
+    # the stream trains on them beside the world's documents
+    without, with_replay = make_stream(load_data(ws.data), base.tokenizer, cfg), make_stream(load_data(ws.data), base.tokenizer, cfg, texts)
+    def holds(stream, ids: list[int]) -> bool:
+        rows = stream.world_ids.tolist()
+        return any(row[i : i + len(ids)] == ids for row in rows for i in range(len(row) - len(ids) + 1))
+
+    for r, ids in zip(records, base.tokenizer(texts, add_special_tokens=False)["input_ids"]):
+        start = len(chat.encode_prompt(base.tokenizer, r["question"]))
+        answer_ids = ids[start : start + 8]  # the answer's first tokens, right after the question's prompt
+        assert holds(with_replay, answer_ids) and not holds(without, answer_ids)
+    # a resumed (here: finished) run reads the file back and changes nothing
+    before = path.stat().st_mtime_ns
+    run_retrofit(ws, "replay", cfg, device=CPU, progress=False)
+    assert path.stat().st_mtime_ns == before
 
 
 # --------------------------------------------------------------------------- command line and bad input

@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     from smviz.model import BUILTIN_MODELS, PRESETS
     from smviz.train import FinetuneConfig
     from smviz.train.pretrain import PretrainConfig, RetrofitConfig
+    from smviz.train.recipes import RETROFIT_RECIPES
 
     presets = ", ".join(f"{name} ({p.description})" for name, p in PRESETS.items())
     parser = argparse.ArgumentParser(
@@ -102,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", default="workspace", help="workspace whose data/ holds the world (smviz world)")
     p.add_argument("--layers", type=int, nargs="+", default=None, metavar="BLOCK",
                    help="blocks that get a memory layer (default: the block at two thirds of the depth, 20 of 30)")
+    p.add_argument("--recipe", default=None, choices=sorted(RETROFIT_RECIPES),
+                   help="start from a committed recipe (smollm2: analyses/retrofit.md's r3, for the world "
+                        "`smviz world --known 20 --bio-only 5 --new 20`); other flags override it")
     names = add_config_flags(p, RetrofitConfig, skip=("base", "preset", "model", "memory", "dense_phase_steps",
                                                       "dense_phase_fact_share"))
     p.add_argument("--memory", nargs="*", default=[], metavar="KEY=VALUE",
@@ -219,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workspace", default="workspace", help="workspace directory (default: ./workspace)")
     p.add_argument("--preset", default="tiny", help="tiny (the default model, ~22 min on 2 CPU cores) or micro (1-2 minutes)")
+    p.add_argument("--model", default=None, metavar="SRC",
+                   help="a real pretrained model instead of a preset: smollm2 (built in; `make real-model` installs it), "
+                        "a HF model directory or a .gguf file — imported, retrofitted with the smollm2 recipe (about 1 h "
+                        "on 2 CPU cores), probed, recorded and finetuned; --steps overrides the retrofit's steps")
     p.add_argument("--steps", type=int, default=None, help="override the recipe's pretraining steps")
     p.add_argument("--seed", type=int, default=None, help="override the recipe's seed")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
@@ -242,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
             r.add_argument("--run", dest="run_dir", default=None, help="the finetuning run that made --after, for the audit "
                                                       "(default: the parent of --after when it is a run of --before)")
             r.add_argument("--top-slots", type=int, default=5, help="changed slots shown with contexts (default 5)")
+            r.add_argument("--prompt-format", default=None, choices=PROMPT_FORMATS,
+                           help="how questions are put to the models (editing prompts: completions, or chat with chat); "
+                                "default: as the finetuning run of --after asked them, else qa")
         else:
             r.add_argument("runs", nargs="+", metavar="RUN_DIR", help="finished run directories; several: side by side")
         r.add_argument("--out", required=True, help="report file, e.g. report.html (report.json is written beside it)")
@@ -265,6 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--spacy-model", default=None,
                    help="the spaCy pipeline for --label-entities (default: the installed en_core_web_sm)")
     d.set_defaults(run=commands.cmd_data_convert)
+    d = dsub.add_parser(
+        "probe", help="keep the questions of a QA set that a model answers correctly: a forgetting probe for --forget-eval",
+        description="Asks the model every question (greedy, in --prompt-format) and keeps those it answers with one of "
+        "their answers contained in its answer, so that a later drop measures forgetting, not questions it never knew. "
+        "Writes the kept questions (qa JSONL) and NAME.provenance.json beside them (model hash, every answer, the rule). "
+        "QA_FILE 'real-knowledge' is the project's probe of 420 well-known real-world facts.")
+    d.add_argument("input", metavar="QA_FILE", help="a qa file, or real-knowledge (the built-in probe)")
+    d.add_argument("--model", required=True, help="model directory: a base model (smviz import) or one with a memory")
+    d.add_argument("--out", required=True, help="qa JSONL file to write, e.g. WS/data/probe-real.jsonl")
+    d.add_argument("--prompt-format", default="chat", choices=PROMPT_FORMATS,
+                   help="how questions are put to the model (default chat: real chat models answer nothing to a plain prompt)")
+    d.add_argument("--device", default="auto", help=DEVICE_HELP)
+    d.set_defaults(run=commands.cmd_data_probe)
 
     p = sub.add_parser("app", help="browse a workspace in the Streamlit app (local only unless --host says otherwise)")
     p.add_argument("--workspace", default="workspace", help="workspace directory to browse (default: ./workspace)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from smviz.cli.flags import config_from_flags
@@ -68,9 +69,12 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from smviz.workspace.stages import run_demo
+    from smviz.workspace.stages import run_demo, run_real_demo
 
-    result = run_demo(args.workspace, preset=args.preset, device=args.device, steps=args.steps, seed=args.seed, say=print)
+    if args.model is not None:
+        result = run_real_demo(args.workspace, src=args.model, device=args.device, steps=args.steps, seed=args.seed, say=print)
+    else:
+        result = run_demo(args.workspace, preset=args.preset, device=args.device, steps=args.steps, seed=args.seed, say=print)
     if args.json:
         print_json(result)
     if args.no_app:
@@ -191,6 +195,7 @@ def cmd_retrofit(args: argparse.Namespace) -> None:
     from smviz.config import parse_assignments
     from smviz.device import resolve_device
     from smviz.train.pretrain import RetrofitConfig
+    from smviz.train.recipes import retrofit_recipe
     from smviz.workspace import Workspace
     from smviz.workspace.stages import format_run_evaluation, last_run_evaluation, run_retrofit
 
@@ -202,8 +207,9 @@ def cmd_retrofit(args: argparse.Namespace) -> None:
         if "layers" in memory:
             raise ConfigError("memory blocks given twice: use --layers or --memory layers=..., not both")
         memory["layers"] = args.layers
-    config = config_from_flags(RetrofitConfig(base=args.base), args, args.config_flags, args.set)
-    config = dataclasses.replace(config, memory=memory)
+    start = retrofit_recipe(args.recipe, args.base) if args.recipe else RetrofitConfig(base=args.base)
+    config = config_from_flags(start, args, args.config_flags, args.set)
+    config = dataclasses.replace(config, memory=start.memory | memory)
     ws = Workspace(args.workspace)
     model = run_retrofit(ws, args.name, config, device=resolve_device(args.device))
     record = last_run_evaluation(ws, args.name)
@@ -254,7 +260,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     if args.report == "diff":
         inputs = dict(before_dir=args.before, after_dir=args.after, facts_path=args.facts, known_path=args.known,
-                      heldout_path=args.heldout, run_dir=args.run_dir, top_slots=args.top_slots)
+                      heldout_path=args.heldout, run_dir=args.run_dir, top_slots=args.top_slots,
+                      prompt_format=args.prompt_format)
     else:
         inputs = dict(run_dirs=args.runs)
     doc, js = make_report(args.report, args.out, args.format, **inputs)
@@ -283,6 +290,21 @@ def cmd_data_convert(args: argparse.Namespace) -> None:
     print(f"{args.input}: format {fmt.name} ({fmt.kind}), {len(records):,} {noun} -> {args.out}")
     if labelled:
         print(labelled)
+
+
+def cmd_data_probe(args: argparse.Namespace) -> None:
+    from smviz.device import resolve_device
+    from smviz.evaluate.probe import REAL_KNOWLEDGE, REAL_KNOWLEDGE_SOURCE, answering_model, build_probe, write_probe
+    from smviz.workspace.stages.finetune import read_qa, source
+
+    builtin = args.input == "real-knowledge"
+    path = REAL_KNOWLEDGE if builtin else Path(args.input)
+    items = read_qa(path, "smviz data probe")  # bad input fails here, before the model loads or anything is written
+    model = answering_model(args.model, device=resolve_device(args.device))
+    kept, provenance = build_probe(model, items, prompt_format=args.prompt_format)
+    side = write_probe(args.out, kept, provenance, source=source(path) | ({"description": REAL_KNOWLEDGE_SOURCE} if builtin else {}))
+    print(f"{args.input}: the model ({model.model_hash}) answers {len(kept)} of {len(items)} questions correctly "
+          f"({args.prompt_format} prompts) -> {args.out} (provenance: {side})")
 
 
 def cmd_app(args: argparse.Namespace) -> None:

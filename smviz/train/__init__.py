@@ -8,7 +8,8 @@ reader/writer of run directories (`smviz.train.rundir`)."""
 from smviz.train.config import FinetuneConfig
 from smviz.train.finetune import finetune
 from smviz.train.methods import Method, get_method, method_names, register_method
-from smviz.train.pretrain import PretrainConfig, RetrofitConfig, pretrain, recipe
+from smviz.train.pretrain import PretrainConfig, RetrofitConfig, pretrain
+from smviz.train.recipes import recipe
 from smviz.evaluate.protocol import EvalSets, evaluate_point, summarize
 from smviz.train.rundir import FinetuneRunDir, PretrainRunDir
 from smviz.train.selection import RowSelector, Selection, SelectionRule, get_rule, register_rule, rule_names

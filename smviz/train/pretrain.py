@@ -159,8 +159,17 @@ class RetrofitConfig(PretrainConfig):
         metadata={"help": "how Q/A documents are written and facts asked: qa, completion or chat (the base "
                           "tokenizer's chat template, for chat-tuned models); one document per Q/A pair except qa"},
     )
+    replay: int = field(
+        default=0,
+        metadata={"help": "self-distillation replay: this many questions about corpus articles ('What is TITLE?') "
+                          "are asked of the base model before training, and its own answers are trained on beside "
+                          "the world's documents, so that the memory learns the world without changing how the "
+                          "base answers everything else (0: none)"},
+    )
 
     def _check_model_source(self) -> None:
+        if self.replay < 0:
+            raise ConfigError(f"replay must be >= 0, got {self.replay}")
         if not self.base:
             raise ConfigError("RetrofitConfig.base must name a base model directory (written by smviz import)")
         if self.preset or self.model:
@@ -168,24 +177,6 @@ class RetrofitConfig(PretrainConfig):
         if self.dense_phase_steps:
             raise ConfigError("a retrofit has no dense phase: the base has learned its language (dense_phase_steps must be 0)")
         get_prompt_format(self.prompt_format)
-
-
-RECIPES: dict[str, dict[str, Any]] = {
-    # The tiny model's pretraining recipe: see analyses/memory_usage.md for how it was found.
-    "tiny": dict(preset="tiny", steps=1600, lr=2e-3, fact_share=0.7, eval_every=800, eval_facts=40,
-                 checkpoint_every=200, memory={"value_lr_mult": 10}),
-    # A short version (1-2 minutes) for CI and `smviz demo --preset micro`: shows the pipeline, learns little.
-    "micro": dict(preset="micro", steps=150, lr=3e-3, fact_share=0.7, eval_every=0, eval_facts=10,
-                  usage_rows=16, checkpoint_every=50, memory={"value_lr_mult": 10}),
-}
-
-
-def recipe(preset_name: str, **overrides: Any) -> PretrainConfig:
-    """The pretraining recipe of a preset (`RECIPES`: tiny, the demo's model; micro, for CI and
-    `smviz demo --preset micro`) as a PretrainConfig, with `overrides` applied (None values ignored)."""
-    if preset_name not in RECIPES:
-        raise ConfigError(f"no pretraining recipe for preset {preset_name!r}; recipes exist for {sorted(RECIPES)}")
-    return PretrainConfig.from_dict(RECIPES[preset_name] | {k: v for k, v in overrides.items() if v is not None})
 
 
 def lr_factor(step: int, config: PretrainConfig) -> float:
@@ -280,14 +271,14 @@ def pretrain(
     trainer = run.checkpoint()
     if trainer is not None:
         model = MemoryModel.from_pretrained(run.checkpoint_model_dir, device=device)
-        optimizer = _make_optimizer(model, config)
+        optimizer = make_optimizer(model, config)
         load_optimizer(optimizer, run.checkpoint_optimizer(), trainer["optimizer"], device)
         start = trainer["step"]
         run.truncate_metrics(start)
         log.info("resuming %s at step %d", run.path, start)
     else:
         model = build_model(config, tokenizer).to(device)
-        optimizer = _make_optimizer(model, config)
+        optimizer = make_optimizer(model, config)
         start = 0
         run.clear_metrics()
 
@@ -362,7 +353,9 @@ def _periodic_eval(model, evaluate, usage_rows) -> dict[str, Any]:
     return result
 
 
-def _make_optimizer(model: MemoryModel, config: PretrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: MemoryModel, config: PretrainConfig) -> torch.optim.AdamW:
+    """The loop's AdamW over the model's parameter groups at the config's rates; a retrofit with a frozen
+    base leaves the base's groups out, and their parameters take no gradient."""
     groups = model.param_groups(config.lr, weight_decay=config.weight_decay)
     if _frozen_base(config):
         # the base's parameters ("dense": everything outside the memory) take no gradient at all

@@ -1,7 +1,8 @@
 """The stages of a workspace (layer 12), each a `Stage` with a `done` check and a `run`: the fact world
 and corpus (`data`), the tokenizer, pretraining and its evaluation (`pretrain`), the retrofit of an
 imported base model (`retrofit`), background statistics (`stats`), a trace of the new facts, the
-finetuning streams (`finetune`) and the reports; the demo runs them in order (`demo`). The command
+finetuning streams (`finetune`) and the reports; the demo runs them in order (`demo`; a real model's:
+`real_demo`). The command
 line calls these; the modules they call hold the logic."""
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from smviz.workspace.stages.pretrain import (
     run_pretraining,
     typed_pretrain_config,
 )
+from smviz.workspace.stages.real_demo import run_real_demo
 from smviz.workspace.stages.reports import make_report
 from smviz.workspace.stages.retrofit import format_run_evaluation, last_run_evaluation, retrofit_evaluator, run_retrofit
 from smviz.workspace.stages.stats import (
@@ -37,7 +39,7 @@ __all__ = [
     "WorkspaceData", "background_stats", "build_data", "build_model_dir", "check_length", "check_model_path",
     "ensure_tokenizer", "evaluate_model_dir", "evaluate_pretrained", "evaluate_workspace_model", "format_run_evaluation",
     "format_thresholds", "heldout_rows", "last_run_evaluation", "load_data", "make_report", "make_stream", "max_positions",
-    "model_info", "parse_probes", "periodic_evaluator", "pretrain_config_of", "retrofit_evaluator", "run_demo",
+    "model_info", "parse_probes", "periodic_evaluator", "pretrain_config_of", "retrofit_evaluator", "run_demo", "run_real_demo",
     "run_finetune", "run_finished", "run_pretraining", "run_retrofit", "stats_path", "threshold_checks",
     "typed_pretrain_config",
 ]

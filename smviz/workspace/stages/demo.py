@@ -20,7 +20,7 @@ from smviz.device import resolve_device, seed_everything
 from smviz.errors import TraceError
 from smviz.record import read_documents, record_texts
 from smviz.trace import Trace
-from smviz.train.pretrain import recipe
+from smviz.train.recipes import recipe
 from smviz.workspace.layout import Workspace
 from smviz.workspace.stages.base import Plan, Stage
 from smviz.workspace.stages.data import TOKENIZER, WORLD

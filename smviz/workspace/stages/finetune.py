@@ -168,14 +168,18 @@ def read_heldout_texts(path: str | os.PathLike) -> list[str]:
 
 
 def stream_stage(method: str) -> Stage:
-    """The demo's stream of new facts learned with `method` into WS/runs/METHOD."""
+    """The demo's stream of new facts learned with `method` into WS/runs/METHOD (questions in the plan's
+    stream prompt format, forgetting probes from its `probes`: name → file in WS/data; FinetuneConfig fields
+    from its `config`, then `per_method[method]`)."""
 
     def run(plan: Plan) -> str:
         ws, stream = plan.ws, plan.stream
         summary = run_finetune(
-            plan.model_dir, ws.run(method), FinetuneConfig(method=method, **stream["config"]),
+            plan.model_dir, ws.run(method), FinetuneConfig(method=method, **stream["config"] | stream.get("per_method", {}).get(method, {})),
             stream=ws.facts("new"), known=ws.facts("known"), heldout=ws.corpus("heldout"),
             max_facts=stream["max_facts"], known_facts=stream["known_facts"], heldout_rows=stream["heldout_rows"],
+            prompt_format=stream.get("prompt_format", "qa"),
+            forget_eval={name: ws.data / file for name, file in stream.get("probes", {}).items()},
             device=plan.device,
         )
         m = summary["metrics"]

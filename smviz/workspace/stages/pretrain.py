@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -77,9 +78,9 @@ def _hf_value(key: str, value: Any, preset_value: Any) -> Any:
         return value
 
 
-def make_stream(data: WorkspaceData, tokenizer, config: PretrainConfig) -> PretrainStream:
+def make_stream(data: WorkspaceData, tokenizer, config: PretrainConfig, extra_docs: Sequence[str] = ()) -> PretrainStream:
     """The run's batch stream: corpus train rows and the world's training texts (Q/A documents in the
-    config's prompt format), tokenised with `tokenizer`."""
+    config's prompt format) with `extra_docs` beside them (a retrofit's replay), tokenised with `tokenizer`."""
     corpus_rows = pack_documents(tokenizer, [a.text for a in data.corpus_train], config.seq_len)
     if config.prompt_format == "qa":
         docs = data.training_world_texts(copies=config.world_copies, seed=config.seed)
@@ -87,6 +88,7 @@ def make_stream(data: WorkspaceData, tokenizer, config: PretrainConfig) -> Pretr
         world = data.world
         docs = world_documents(world.known + world.bio_only, world.known, copies=config.world_copies, seed=config.seed,
                                prompt_format=config.prompt_format, tokenizer=tokenizer)
+    docs = [*docs, *extra_docs]
     token_lists = tokenizer(docs, add_special_tokens=False)["input_ids"]
     cut = sum(len(tokens) >= config.seq_len for tokens in token_lists)
     if cut:

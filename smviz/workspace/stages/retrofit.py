@@ -35,13 +35,14 @@ import torch
 
 from smviz.data.prompts import get_prompt_format
 from smviz.evaluate import memory_health
-from smviz.model import MemoryModel
+from smviz.model import MemoryModel, model_dir_hash
 from smviz.train.pretrain import RetrofitConfig, build_model, pretrain
 from smviz.train.rundir import PretrainRunDir
 from smviz.workspace.layout import Workspace
 from smviz.workspace.stages.base import check_length
 from smviz.workspace.stages.data import WorkspaceData, load_data
 from smviz.workspace.stages.pretrain import heldout_rows, make_stream, periodic_evaluator, run_finished
+from smviz.workspace.stages.replay import replay_texts
 
 
 def run_retrofit(
@@ -58,9 +59,15 @@ def run_retrofit(
     tokenizer = start.require_tokenizer("a retrofit")
     get_prompt_format(config.prompt_format).check(tokenizer)
     initial_values = {block: v.detach().clone() for block, v in start.values.items()}
+    replay: list[str] = []
+    if config.replay:  # the base's own answers, asked before training (the silent memory leaves it the base)
+        run = PretrainRunDir(ws.pretrain_run(name))
+        run.claim(config.to_dict())
+        replay = replay_texts(run.path, start.to(device), model_dir_hash(config.base), data, n=config.replay,
+                              seed=config.seed, prompt_format=config.prompt_format)
     del start
 
-    stream = make_stream(data, tokenizer, config)
+    stream = make_stream(data, tokenizer, config, replay)
     rows = heldout_rows(data, tokenizer, config.seq_len)[: config.usage_rows]
     model = pretrain(
         ws.pretrain_run(name), config, tokenizer=tokenizer, stream=stream,
