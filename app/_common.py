@@ -129,9 +129,12 @@ def load_stats(model_dir: str):
 
 @st.cache_data(show_spinner=False)
 def model_hashes(root: str) -> dict[str, str]:
-    """{model name: model hash} of the workspace's models."""
+    """{model name: model hash} of the workspace's models, base models (`smviz import`) included: each
+    directory verified, no weights loaded."""
+    from smviz.model import model_dir_hash
+
     ws = Workspace(root)
-    return {name: load_model(str(ws.model(name))).model_hash for name in models(ws)}
+    return {name: model_dir_hash(ws.model(name)) for name in models(ws)}
 
 
 def base_model(ws: Workspace, hash_: str | None) -> str | None:

@@ -14,6 +14,7 @@ from smviz.data.prompts import get_prompt_format
 from smviz.data.tokenizer import train_tokenizer
 from smviz.evaluate.probe import answering_model, provenance_path
 from smviz.model import MemoryModel, import_model, load_base_model
+from smviz.train import FinetuneConfig
 from smviz.train.recipes import RETROFIT_RECIPES
 from smviz.workspace import Workspace
 from smviz.workspace.stages import run_real_demo
@@ -22,7 +23,8 @@ from test_import import TEXTS, micro_llama, write_hf_dir
 
 SHORT = dict(steps=6, batch_size=4, eval_every=3, eval_facts=4, usage_rows=4, log_every=3, checkpoint_every=3,
              prompt_format="qa", memory={"n_keys": 16, "knn": 8, "heads": 2, "value_lr_mult": 10})
-STREAM = dict(max_facts=2, known_facts=4, heldout_rows=4, config=dict(batch_size=4, steps_per_fact=2, eval_every=2, top_t=16))
+STREAM = dict(max_facts=2, known_facts=4, heldout_rows=4, config=dict(batch_size=4, steps_per_fact=2, eval_every=2, top_t=16),
+              per_method={"sparse": {"lr": 500.0}})
 
 
 QUESTIONS = ["Who wrote Emma?", "What is the capital of France?", "Where did the cat sit?"]
@@ -72,6 +74,7 @@ def test_the_real_model_demo_builds_every_stage(demo):
         assert summary["base_model_hash"] == model.model_hash
         assert summary["protocol"]["known"].startswith("held-out question templates of 4 known facts")
         assert summary["metrics"]["forget"]["real"]["contained"]["start"] == 1.0  # the probe: what the base answers
+        assert summary["config"]["lr"] == (500.0 if method == "sparse" else FinetuneConfig(method=method).resolved().lr)
     assert (ws.trace("new-facts") / "meta.json").is_file()
     assert all(Path(p).is_file() for p in result["reports"].values())
     assert any(line.startswith("[3/10] retrofitting") for line in lines)
