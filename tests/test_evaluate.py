@@ -99,11 +99,11 @@ def greedy_reference(model: MemoryModel, tokenizer, question: str) -> str:
     return greedy_ids_reference(model, tokenizer, tokenizer(qa_prompt(question))["input_ids"])
 
 
-def greedy_ids_reference(model: MemoryModel, tokenizer, ids: list[int]) -> str:
+def greedy_ids_reference(model: MemoryModel, tokenizer, ids: list[int], max_new: int = MAX_NEW) -> str:
     """One prompt alone: no batching, no padding, no cache — a full forward per step, argmax."""
     generated: list[int] = []
     with torch.no_grad():
-        for _ in range(MAX_NEW):
+        for _ in range(max_new):
             logits = model(input_ids=torch.tensor([ids + generated])).logits
             token = int(logits[0, -1].argmax())
             if token == tokenizer.eos_token_id:

@@ -32,6 +32,7 @@ from smviz.workspace.stages import (
 )
 from smviz.workspace.stages.data import WorkspaceData
 from smviz.workspace.stages.replay import REPLAY_FILE, REPLAY_TOKENS, replay_questions, replay_texts
+from test_evaluate import greedy_ids_reference  # the unbatched greedy reference, shared
 
 MEMORY = {"n_keys": 16, "heads": 2, "knn": 4, "k_dim": 32, "value_lr_mult": 10}
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -201,20 +202,6 @@ def test_chat_format_writes_one_conversation_per_qa_pair(ws):
                         tokenizer=train_tokenizer(["a b c"] * 10, vocab_size=300))
 
 
-def greedy_answer(model: MemoryModel, ids: list[int], max_new: int) -> str:
-    """One prompt alone, a full forward per token, argmax; stops at eos or a newline (the reference)."""
-    tokenizer, generated = model.tokenizer, []
-    with torch.no_grad():
-        for _ in range(max_new):
-            token = int(model(input_ids=torch.tensor([ids + generated])).logits[0, -1].argmax())
-            if token == tokenizer.eos_token_id:
-                break
-            generated.append(token)
-            if "\n" in tokenizer.decode([token]):
-                break
-    return tokenizer.decode(generated, skip_special_tokens=True).split("\n", 1)[0].strip()
-
-
 def test_replay_questions_skip_what_the_probe_asks():
     titles = ["Paris", "Mona Lisa", "Zebra crossing", "Tokyo", "Quartz"]  # a probe answer, in a question, neither...
     data = WorkspaceData(world=None, corpus_train=[Article(f"a{i}", t, "text") for i, t in enumerate(titles)], corpus_heldout=[])
@@ -252,7 +239,7 @@ def test_replay_trains_on_the_base_models_own_answers(ws, talkative):
     chat = get_prompt_format("chat")
     expected = []
     for q in replay_questions(load_data(ws.data), 3, seed=0):
-        answer = greedy_answer(base, chat.encode_prompt(base.tokenizer, q), REPLAY_TOKENS)
+        answer = greedy_ids_reference(base, base.tokenizer, chat.encode_prompt(base.tokenizer, q), REPLAY_TOKENS)
         stop = answer.rfind(".")
         if answer:
             expected.append({"question": q, "answer": answer[: stop + 1] if stop > 0 else answer})
