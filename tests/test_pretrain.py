@@ -4,6 +4,7 @@ exactly the state of an uninterrupted one."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -80,6 +81,25 @@ def test_stream_is_a_function_of_the_step(setting):
     assert torch.equal(a["attention_mask"], (a["labels"] != IGNORE_INDEX).long())
     corpus_only = stream.batch(5, fact_share=0.0)
     assert (corpus_only["attention_mask"] == 1).all()
+
+
+def test_stream_draws_its_replay_share_from_the_replay_pool_and_nothing_else_changes(setting):
+    _, stream, _ = setting
+    replay = torch.full((3, stream.world_ids.shape[1]), 7)
+    with_replay = dataclasses.replace(stream, fact_share=0.5, replay_ids=replay, replay_labels=replay, replay_share=0.25)
+    no_share = dataclasses.replace(stream, replay_ids=replay, replay_labels=replay)  # a pool but no share: unused
+    for step in range(4):
+        plain, batch = stream.batch(step), with_replay.batch(step)
+        assert all(torch.equal(plain[k], no_share.batch(step)[k]) for k in plain)
+        # the same generator draws the world and corpus rows first: 4 world rows as before, 2 corpus, 2 replay
+        assert torch.equal(batch["input_ids"][:4], plain["input_ids"][:4])
+        assert torch.equal(batch["input_ids"][4:6], plain["input_ids"][4:6])
+        assert (batch["input_ids"][6:] == 7).all() and not (batch["input_ids"][:6] == 7).all(dim=1).any()
+    dataclasses.replace(stream, fact_share=0.9, replay_ids=replay, replay_labels=replay, replay_share=0.1)  # sums to 1
+    with pytest.raises(SmvizError, match="no replay rows"):
+        dataclasses.replace(stream, replay_share=0.25)
+    with pytest.raises(SmvizError, match=r"replay_share must lie in \[0, 1 - fact_share\]"):
+        dataclasses.replace(stream, fact_share=0.9, replay_ids=replay, replay_labels=replay, replay_share=0.25)
 
 
 def test_lr_schedule_by_hand():

@@ -31,7 +31,7 @@ from smviz.workspace.stages import (
     background_stats, build_data, heldout_rows, load_data, make_stream, pretrain_config_of, run_retrofit,
 )
 from smviz.workspace.stages.data import WorkspaceData
-from smviz.workspace.stages.replay import REPLAY_FILE, REPLAY_TOKENS, replay_questions, replay_texts
+from smviz.workspace.stages.replay import REPLAY_FILE, REPLAY_TEMPLATES, REPLAY_TOKENS, replay_questions, replay_texts
 from test_evaluate import greedy_ids_reference  # the unbatched greedy reference, shared
 
 MEMORY = {"n_keys": 16, "heads": 2, "knn": 4, "k_dim": 32, "value_lr_mult": 10}
@@ -206,8 +206,15 @@ def test_replay_questions_skip_what_the_probe_asks():
     titles = ["Paris", "Mona Lisa", "Zebra crossing", "Tokyo", "Quartz"]  # a probe answer, in a question, neither...
     data = WorkspaceData(world=None, corpus_train=[Article(f"a{i}", t, "text") for i, t in enumerate(titles)], corpus_heldout=[])
     questions = replay_questions(data, 10, seed=0)
-    assert sorted(questions) == ["What is Quartz?", "What is Zebra crossing?"]
+    asked = sorted(title for q in questions for t in REPLAY_TEMPLATES for title in ("Quartz", "Zebra crossing")
+                   if q == t.format(title))
+    assert len(questions) == 2 and asked == ["Quartz", "Zebra crossing"]
     assert replay_questions(data, 1, seed=0)[0] in questions
+    assert replay_questions(data, 10, seed=0) == questions  # seeded: order and templates
+    many = WorkspaceData(world=None, corpus_train=[Article(f"a{i}", f"Topic {i}", "t") for i in range(60)], corpus_heldout=[])
+    used = {t for q in replay_questions(many, 60, seed=1) for t in REPLAY_TEMPLATES
+            if any(q == t.format(f"Topic {i}") for i in range(60))}
+    assert used == set(REPLAY_TEMPLATES)  # 60 questions draw every shape
 
 
 @pytest.fixture(scope="module")
@@ -256,6 +263,16 @@ def test_replay_trains_on_the_base_models_own_answers(ws, talkative):
         start = len(chat.encode_prompt(base.tokenizer, r["question"]))
         answer_ids = ids[start : start + 8]  # the answer's first tokens, right after the question's prompt
         assert holds(with_replay, answer_ids) and not holds(without, answer_ids)
+    # with a replay_share the replay has its own pool: that share of every batch, the world's untouched
+    own = dataclasses.replace(cfg, fact_share=0.5, replay_share=0.25, batch_size=8)
+    split = make_stream(load_data(ws.data), base.tokenizer, own, texts)
+    assert torch.equal(split.world_ids, without.world_ids)
+    replay_rows = {tuple(row) for row in split.replay_ids.tolist()}
+    assert replay_rows and not replay_rows & {tuple(row) for row in split.world_ids.tolist()}
+    world_rows = {tuple(row) for row in split.world_ids.tolist()}
+    for step in range(3):
+        rows = [tuple(row) for row in split.batch(step)["input_ids"].tolist()]
+        assert sum(r in replay_rows for r in rows) == 2 and sum(r in world_rows for r in rows) == 4
     # a resumed (here: finished) run reads the file back and changes nothing
     before = path.stat().st_mtime_ns
     run_retrofit(ws, "replay", cfg, device=CPU, progress=False)
@@ -313,5 +330,9 @@ def test_bad_input_is_refused_in_one_line_with_nothing_written(ws, capsys, tmp_p
         RetrofitConfig(base="b", steps=10, dense_phase_steps=2)
     with pytest.raises(ConfigError, match="unknown prompt format"):
         RetrofitConfig(base="b", prompt_format="json")
+    with pytest.raises(ConfigError, match=r"replay_share > 0 needs a replay"):
+        RetrofitConfig(base="b", replay_share=0.2)
+    with pytest.raises(ConfigError, match=r"replay_share must lie in \[0, 1 - fact_share\]"):
+        RetrofitConfig(base="b", replay=10, fact_share=0.9, replay_share=0.2)
     with pytest.raises(ModelFileError, match="not a base model"):
         build_model(RetrofitConfig(base=str(tmp_path / "with-memory")), None)

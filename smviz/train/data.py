@@ -90,7 +90,8 @@ def pack_whole_documents(token_lists: Sequence[Sequence[int]], seq_len: int, eos
 
 @dataclass
 class PretrainStream:
-    """Batches of `batch_size` rows: about `fact_share` of them world rows, the rest corpus rows,
+    """Batches of `batch_size` rows: about `fact_share` of them world rows, about `replay_share` replay
+    rows (a retrofit's self-distillation replay, when it has a pool of its own), the rest corpus rows,
     drawn with replacement by a generator seeded from (seed, step)."""
 
     corpus_rows: torch.Tensor  # (n, seq_len) token ids, every position a real token
@@ -99,10 +100,18 @@ class PretrainStream:
     batch_size: int
     fact_share: float
     seed: int
+    replay_ids: torch.Tensor | None = None  # (r, seq_len), right-padded like world rows
+    replay_labels: torch.Tensor | None = None
+    replay_share: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.fact_share <= 1:
             raise SmvizError(f"fact_share must lie in [0, 1], got {self.fact_share}")
+        if not (0 <= self.replay_share and self.fact_share + self.replay_share <= 1 + 1e-9):
+            raise SmvizError(f"replay_share must lie in [0, 1 - fact_share], got {self.replay_share} "
+                             f"(fact_share {self.fact_share})")
+        if self.replay_share > 0 and (self.replay_ids is None or len(self.replay_ids) == 0):
+            raise SmvizError("replay_share > 0 but there are no replay rows")
         if self.fact_share > 0 and len(self.world_ids) == 0:
             raise SmvizError("fact_share > 0 but there are no world rows")
         if self.fact_share < 1 and len(self.corpus_rows) == 0:
@@ -112,10 +121,16 @@ class PretrainStream:
         share = self.fact_share if fact_share is None else fact_share
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         n_world = round(self.batch_size * share)
-        n_corpus = self.batch_size - n_world
+        n_replay = min(round(self.batch_size * self.replay_share), self.batch_size - n_world)
+        n_corpus = self.batch_size - n_world - n_replay
         w = torch.randint(len(self.world_ids), (n_world,), generator=g) if n_world else torch.empty(0, dtype=torch.long)
         c = torch.randint(len(self.corpus_rows), (n_corpus,), generator=g) if n_corpus else torch.empty(0, dtype=torch.long)
-        ids = torch.cat([self.world_ids[w], self.corpus_rows[c]])
-        labels = torch.cat([self.world_labels[w], self.corpus_rows[c]])
+        ids = [self.world_ids[w], self.corpus_rows[c]]
+        labels = [self.world_labels[w], self.corpus_rows[c]]
+        if n_replay:  # drawn last, so that a stream without replay rows is what it always was
+            r = torch.randint(len(self.replay_ids), (n_replay,), generator=g)
+            ids.append(self.replay_ids[r])
+            labels.append(self.replay_labels[r])
+        ids, labels = torch.cat(ids), torch.cat(labels)
         # world rows are right-padded; the mask keeps padding out of usage counts and access records
         return {"input_ids": ids, "labels": labels, "attention_mask": (labels != IGNORE_INDEX).long()}

@@ -161,15 +161,25 @@ class RetrofitConfig(PretrainConfig):
     )
     replay: int = field(
         default=0,
-        metadata={"help": "self-distillation replay: this many questions about corpus articles ('What is TITLE?') "
+        metadata={"help": "self-distillation replay: this many questions about corpus articles ('Where is TITLE located?') "
                           "are asked of the base model before training, and its own answers are trained on beside "
                           "the world's documents, so that the memory learns the world without changing how the "
                           "base answers everything else (0: none)"},
+    )
+    replay_share: float = field(
+        default=0.0,
+        metadata={"help": "share of each batch's rows drawn from the replay, beside fact_share's world rows (0: the "
+                          "replay documents join the world's pool and share its fact_share)"},
     )
 
     def _check_model_source(self) -> None:
         if self.replay < 0:
             raise ConfigError(f"replay must be >= 0, got {self.replay}")
+        if self.replay_share and not self.replay:
+            raise ConfigError("replay_share > 0 needs a replay (replay > 0)")
+        if not (0 <= self.replay_share and self.fact_share + self.replay_share <= 1 + 1e-9):
+            raise ConfigError(f"replay_share must lie in [0, 1 - fact_share], got {self.replay_share} "
+                              f"(fact_share {self.fact_share})")
         if not self.base:
             raise ConfigError("RetrofitConfig.base must name a base model directory (written by smviz import)")
         if self.preset or self.model:

@@ -88,16 +88,25 @@ def make_stream(data: WorkspaceData, tokenizer, config: PretrainConfig, extra_do
         world = data.world
         docs = world_documents(world.known + world.bio_only, world.known, copies=config.world_copies, seed=config.seed,
                                prompt_format=config.prompt_format, tokenizer=tokenizer)
-    docs = [*docs, *extra_docs]
-    token_lists = tokenizer(docs, add_special_tokens=False)["input_ids"]
-    cut = sum(len(tokens) >= config.seq_len for tokens in token_lists)
+    replay_share = config.replay_share if isinstance(config, RetrofitConfig) else 0.0  # 0: extra_docs join the world's pool
+    if not replay_share:
+        docs = [*docs, *extra_docs]
+    world_ids, world_labels = _pack_documents(tokenizer, docs, config.seq_len, "world")
+    replay_ids, replay_labels = _pack_documents(tokenizer, extra_docs, config.seq_len, "replay") if replay_share else (None, None)
+    return PretrainStream(corpus_rows, world_ids, world_labels, config.batch_size, config.fact_share, config.seed,
+                          replay_ids, replay_labels, replay_share)
+
+
+def _pack_documents(tokenizer, docs: Sequence[str], seq_len: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whole documents packed into rows (`pack_whole_documents`), warning about any cut to `seq_len`."""
+    token_lists = tokenizer(list(docs), add_special_tokens=False)["input_ids"] if docs else []
+    cut = sum(len(tokens) >= seq_len for tokens in token_lists)
     if cut:
-        log.warning("%d of %d world documents are longer than seq_len %d (with their eos) and are cut: the facts "
-                    "at their ends are never trained; raise seq_len", cut, len(docs), config.seq_len)
+        log.warning("%d of %d %s documents are longer than seq_len %d (with their eos) and are cut: the facts "
+                    "at their ends are never trained; raise seq_len", cut, len(docs), kind, seq_len)
     # a pretrained model's tokenizer may have no pad token: padding is labelled -100 and masked anyway
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    world_ids, world_labels = pack_whole_documents(token_lists, config.seq_len, tokenizer.eos_token_id, pad)
-    return PretrainStream(corpus_rows, world_ids, world_labels, config.batch_size, config.fact_share, config.seed)
+    return pack_whole_documents(token_lists, seq_len, tokenizer.eos_token_id, pad)
 
 
 def periodic_evaluator(data: WorkspaceData, config: PretrainConfig):

@@ -4,9 +4,11 @@ the world alone, a retrofitted memory teaches the model the world's answer style
 started answering "What is the capital of France?" with "La Dame, la France": analyses/retrofit.md);
 replaying what the base itself says elsewhere holds that in place without any outside labels.
 
-The questions are "What is TITLE?" for corpus-train article titles in a seeded order, skipping every
-title that is an answer of the real-knowledge probe or appears in one of its questions, so that the
-replay never rehearses what the probe asks. Answers are greedy, at most `REPLAY_TOKENS` tokens, cut at
+The questions ask about corpus-train article titles in a seeded order, each in one of
+`REPLAY_TEMPLATES` (drawn by the same seed): the probe's own shapes (what, where, which country or
+continent, who), since a memory trained on the world's short answers changes how *questions* are answered.
+Every title that is an answer of the real-knowledge probe or appears in one of its questions is skipped,
+so that the replay never rehearses what the probe asks. Answers are greedy, at most `REPLAY_TOKENS` tokens, cut at
 their last full stop. They are generated once, kept in WS/pretrain/NAME/replay.jsonl with the base
 model's hash, and read back when the run resumes."""
 
@@ -28,21 +30,31 @@ from smviz.workspace.stages.data import WorkspaceData
 
 REPLAY_FILE = "replay.jsonl"
 REPLAY_TOKENS = 40
+REPLAY_TEMPLATES = (
+    "What is {}?",
+    "What is {} known for?",
+    "Where is {} located?",
+    "In which country is {} found?",
+    "On which continent is {}?",
+    "Who is the person most associated with {}?",
+)
 
 
 def replay_questions(data: WorkspaceData, n: int, seed: int) -> list[str]:
-    """`n` questions about corpus-train titles (seeded order), none about what the real-knowledge probe asks."""
+    """`n` questions about corpus-train titles (seeded order and templates), none about what the
+    real-knowledge probe asks."""
     from smviz.data.formats import read_data
 
     probe = read_data(REAL_KNOWLEDGE, "qa")[1]
     answers = {normalize_answer(a) for item in probe for a in item.answers}
     titles = sorted({a.title for a in data.corpus_train})
-    random.Random(seed).shuffle(titles)
+    rng = random.Random(seed)
+    rng.shuffle(titles)
     out = []
     for title in titles:
         if normalize_answer(title) in answers or any(answer_contained(item.question, title) for item in probe):
             continue
-        out.append(f"What is {title}?")
+        out.append(rng.choice(REPLAY_TEMPLATES).format(title))
         if len(out) == n:
             break
     return out
