@@ -33,7 +33,7 @@ from smviz.workspace.stages import build_data, load_data
 from smviz.record import AccessRecorder
 from smviz.stats import STATS_FILE, SlotStats, collect_stats, top_slots
 from smviz.train import EvalSets, FinetuneConfig, FinetuneRunDir, RowSelector, Stream, Trainer, finetune, get_method
-from smviz.train.lora import DEFAULT_TARGETS
+from smviz.train.lora import DEFAULT_TARGETS, MEMORY_TARGETS, adapted_weights
 from smviz.train.rundir import STEP_SCHEMA
 from smviz.workspace import Workspace
 
@@ -312,6 +312,32 @@ def test_sparse_sgd_step_changes_exactly_the_selected_rows_by_minus_lr_grad(ws, 
         assert (after[key][rows] - before[key][rows]).abs().max() > 1e-4  # the check above is not vacuous
 
 
+def test_grad_norm_trains_the_read_rows_of_largest_dense_gradient(ws, world, device):
+    model, _ = load(ws, device)
+    batch = to(Stream(world.new, model.tokenizer, batch_size=4).batch(3), device)
+    _, grads = dense_value_grads(model, batch)
+    counts = recorded_counts(model, batch)
+    before = snapshot(model)
+    lr, t = 0.5, 7
+    trainer = Trainer(model, FinetuneConfig(method="grad-norm", top_t=t, lr=lr).resolved(), None, device)
+    _, selections, grad_norms = train_step(trainer, batch, 0)
+    after = model.state_dict()
+    for key, block in value_keys(model).items():
+        g = grads[block]
+        read = np.nonzero(counts[block])[0]
+        norms = torch.linalg.vector_norm(g.double(), dim=1).cpu()
+        # brute force: every read slot's dense gradient norm, the t largest (ties to the lower id)
+        expected = sorted(read.tolist(), key=lambda i: (-norms[i].item(), i))[:t]
+        assert len(read) > t and norms[expected[-1]] > norms[sorted(set(read.tolist()) - set(expected))].max()
+        sel = selections[block]
+        assert sel.rows.tolist() == expected and sel.accessed == len(read)
+        assert sel.score.cpu().tolist() == pytest.approx(norms[expected].tolist(), rel=1e-5)
+        assert changed_rows(before[key], after[key]) == set(expected)
+        rows = sel.rows
+        torch.testing.assert_close(after[key][rows], before[key][rows] - lr * g[rows], rtol=1e-5, atol=1e-7)
+        assert grad_norms[block] == pytest.approx(torch.linalg.vector_norm(g[rows]).item(), rel=1e-5)
+
+
 def test_sparse_adamw_leaves_unselected_rows_alone_where_dense_adamw_moves_them(ws, world, device):
     model, stats = load(ws, device)
     stream = Stream(world.new, model.tokenizer, batch_size=4)
@@ -415,6 +441,60 @@ def test_lora_trains_only_adapter_weights(ws, world, device):
         else:
             assert torch.equal(merged[key], base[key]), key
     assert len(adapted) == 2 * len(targets)
+
+
+def test_full_finetuning_with_the_memory_frozen_or_its_values_at_their_own_rate(ws, world):
+    model, _ = load(ws)
+    batch = Stream(world.new, model.tokenizer, batch_size=4).batch(1)
+    ref = copy.deepcopy(model)
+    for p in ref.parameters():
+        p.requires_grad_(True)
+    ref(**batch).loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in ref.named_parameters()}
+    values = set(value_keys(model))
+    memory = {n for n, _ in model.named_parameters() if any(n.startswith(prefix) for prefix in memory_prefixes(model))}
+    assert values < memory and memory < set(grads)
+    lr, mult = 0.1, 10.0
+    for config in (FinetuneConfig(method="full", optimizer="sgd", lr=lr, value_lr_mult=mult),
+                   FinetuneConfig(method="full", optimizer="sgd", lr=lr, freeze_memory=True)):
+        m = copy.deepcopy(model)
+        before = snapshot(m)
+        train_step(Trainer(m, config.resolved(), None, CPU), batch, 0)
+        after = dict(m.named_parameters())
+        for name, g in grads.items():
+            if config.freeze_memory and name in memory:
+                assert torch.equal(after[name].detach(), before[name]), name
+                continue
+            step = lr * (mult if name in values else 1.0)
+            torch.testing.assert_close(after[name].detach(), before[name] - step * g, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ConfigError, match="settings of full finetuning, not of 'sparse'"):
+        FinetuneConfig(method="sparse", value_lr_mult=10.0)
+    with pytest.raises(ConfigError, match="settings of full finetuning, not of 'lora'"):
+        FinetuneConfig(method="lora", freeze_memory=True)
+    with pytest.raises(ConfigError, match="cannot be set with freeze_memory"):
+        FinetuneConfig(method="full", value_lr_mult=10.0, freeze_memory=True)
+
+
+def memory_prefixes(model: MemoryModel) -> list[str]:
+    return [name + "." for name, module in model.named_modules() if module in set(model.memory_layers.values())]
+
+
+def test_lora_adapts_the_memory_projections_when_asked(ws, world):
+    model, _ = load(ws)
+    base = snapshot(model)
+    config = FinetuneConfig(method="lora", lr=1e-2, lora_rank=4, lora_targets=DEFAULT_TARGETS + MEMORY_TARGETS).resolved()
+    trainer = Trainer(model, config, None, CPU)
+    adapted = {n.split(".lora_")[0] for n in trainer.trainable}
+    memory = memory_prefixes(model)
+    in_memory = {a for a in adapted if any((a + ".").startswith(p) for p in memory)}
+    assert {a.rsplit(".", 1)[-1] for a in in_memory} == set(MEMORY_TARGETS) and len(in_memory) == 3 * len(BLOCKS)
+    stream = Stream(world.new, model.tokenizer, batch_size=4)
+    for step in range(2):
+        train_step(trainer, stream.batch(step), step)
+    merged = trainer.final_model().state_dict()
+    changed = {k for k in base if not torch.equal(merged[k], base[k])}
+    assert changed == {f"{a}.weight" for a in adapted}
+    assert changed == {f"lm.{w}" for w in adapted_weights(trainer.final_model(), config.lora_targets)}  # what the audit allows
 
 
 # --------------------------------------------------------------------------- the run directory
@@ -598,7 +678,9 @@ def test_cli_bad_input_exits_2_and_writes_nothing(ws, tmp_path, capsys):
         (["--known", str(bad / "empty.jsonl")], "holds no facts"),
         (["--top-t", "0"], "top_t must be >= 1"),
         (["--top-t", "257"], "larger than the memory (256 slots)"),
-        (["--method", "dense"], "choose one of sparse, tf-only, memory-all, random-t, kl, full, lora"),
+        (["--method", "dense"], "choose one of sparse, tf-only, memory-all, random-t, kl, grad-norm, full, lora"),
+        (["--background", str(bad / "nowhere.safetensors")], "unknown background"),
+        (["--value-lr-mult", "10"], "settings of full finetuning, not of 'sparse'"),
         (["--lr", "0"], "lr must be a finite number"),
         (["--lr", "-0.5"], "lr must be a finite number"),
         (["--lr", "inf"], "lr must be a finite number"),
@@ -635,6 +717,25 @@ def test_cli_stream_slice_and_stream_background(ws, tmp_path, capsys):
     bad = tmp_path / "bad"
     assert main(cli_args(ws, bad, "--first-fact", "999")) == 2
     assert "none from number 999 on" in capsys.readouterr().err and not bad.exists()
+
+
+def test_cli_background_from_a_statistics_file(ws, tmp_path, capsys):
+    model = MemoryModel.from_pretrained(ws.model("m"))
+    data = load_data(ws.data)
+    rows = pack_documents(model.tokenizer, [a.text for a in data.corpus_train[120:200]], 32)[:16]
+    control = collect_stats(model, [{"input_ids": rows[i : i + 4]} for i in range(0, len(rows), 4)],
+                            protocol={"source": "a control background"})
+    path = control.save(tmp_path / "control.safetensors")
+    assert not torch.equal(control.df, SlotStats.load_for_model(ws.model("m"), model).df)
+    out = tmp_path / "controlled"
+    assert main(cli_args(ws, out, "--background", str(path))) == 0
+    capsys.readouterr()
+    identity = json.loads((out / "config.json").read_text())
+    assert identity["stats"]["protocol"] == {"source": "a control background", "n_batches": 4, "unit": "batch"}
+    steps = pq.read_table(out / "steps.parquet").to_pandas()
+    for _, row in steps.iterrows():  # every selected row's df is the control's
+        layer = control.layer_index(int(row["layer"]))
+        assert row["df"].tolist() == control.df[layer][torch.as_tensor(row["selected"]).long()].tolist()
 
 
 def test_row_adamw_state_grows_without_changing_results():

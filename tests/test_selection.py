@@ -29,8 +29,9 @@ CPU = torch.device("cpu")
 
 
 def test_registries_hold_the_methods_as_named_in_run_configs():
-    assert method_names() == ("sparse", "tf-only", "memory-all", "random-t", "kl", "full", "lora")
-    assert rule_names() == ("tf-idf", "tf-only", "memory-all", "random-t", "kl")
+    assert method_names() == ("sparse", "tf-only", "memory-all", "random-t", "kl", "grad-norm", "full", "lora")
+    assert rule_names() == ("tf-idf", "tf-only", "memory-all", "random-t", "kl", "grad-norm")
+    assert get_rule("grad-norm").ranks_gradient and not get_rule("tf-idf").ranks_gradient
     sparse, kl, full, lora = (get_method(m) for m in ("sparse", "kl", "full", "lora"))
     assert (sparse.trains, sparse.rule, sparse.needs_stats, sparse.uses_top_t) == (VALUE_ROWS, "tf-idf", True, True)
     assert (kl.trains, kl.rule, kl.needs_stats) == (VALUE_ROWS, "kl", True)

@@ -5,6 +5,7 @@ background run, and two torchrun processes giving exactly the single-process res
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -494,6 +495,41 @@ def test_background_uses_the_pretraining_mixture(workspace, tmp_path):
     other = _run(ws, tmp_path / "o.safetensors", n_batches=2, batch_size=3, seq_len=8)
     assert (other.protocol["batch_size"], other.protocol["seq_len"]) == (3, 8)
     assert other.n_tokens <= 2 * 3 * 8
+
+
+def test_control_mixtures_count_corpus_rows_only_or_no_known_persons_text(workspace, tmp_path):
+    from smviz.data.tokenizer import pack_documents
+    from smviz.train.pretrain import PretrainConfig
+    from smviz.workspace.stages import load_data, make_stream
+    from smviz.workspace.stages.stats import MIXTURES
+
+    ws = workspace
+    model = MemoryModel.from_pretrained(ws.model("m"))
+    data = load_data(ws.data)
+    corpus = _run(ws, tmp_path / "corpus.safetensors", n_batches=4, mixture="corpus")
+    assert corpus.protocol["mixture"] == "corpus" and corpus.protocol["fact_share"] == 0.0
+    # brute force: the same step-seeded draws of packed corpus rows, counted by collect_stats
+    rows = pack_documents(model.tokenizer, [a.text for a in data.corpus_train], 128)
+    batches = []
+    for i in range(4):
+        g = torch.Generator().manual_seed(BACKGROUND_STEP_OFFSET + i)  # seed 0: PretrainStream's generator
+        ids = rows[torch.randint(len(rows), (4,), generator=g)]
+        batches.append({"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)})
+    ref = collect_stats(model, batches)
+    assert torch.equal(corpus.counts, ref.counts) and torch.equal(corpus.df, ref.df)
+    # no-known: the known people's names are in no batch; the bio-only people's are
+    no_known = _run(ws, tmp_path / "nk.safetensors", n_batches=3, mixture="no-known")
+    assert no_known.protocol["mixture"] == "no-known" and set(MIXTURES) == {"pretraining", "corpus", "no-known"}
+    config = PretrainConfig(preset="micro", seq_len=128, batch_size=4)
+    world = dataclasses.replace(data.world, known=[])
+    stream = make_stream(dataclasses.replace(data, world=world), model.tokenizer, config)
+    text = model.tokenizer.decode(stream.world_ids.flatten())
+    assert not any(f.subject in text for f in data.world.known) and all(f.subject in text for f in data.world.bio_only)
+    ref = collect_stats(model, [stream.batch(BACKGROUND_STEP_OFFSET + i) for i in range(3)])
+    assert torch.equal(no_known.counts, ref.counts)
+    with pytest.raises(ConfigError, match="unknown background mixture 'dclm'"):
+        _run(ws, tmp_path / "x.safetensors", n_batches=1, mixture="dclm")
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(workspace, tmp_path, caplog):

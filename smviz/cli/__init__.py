@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     from smviz.train import FinetuneConfig
     from smviz.train.pretrain import PretrainConfig, RetrofitConfig
     from smviz.train.recipes import RETROFIT_RECIPES
+    from smviz.workspace.stages.stats import MIXTURES
 
     presets = ", ".join(f"{name} ({p.description})" for name, p in PRESETS.items())
     parser = argparse.ArgumentParser(
@@ -162,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unit", default="batch", choices=["batch", "sequence"],
                    help="what a document is: batch (default, the paper: one background batch) or sequence (one row)")
     p.add_argument("--batches", type=int, default=1000, help="background batches to run (default 1000, as the paper)")
+    p.add_argument("--mixture", default="pretraining", choices=list(MIXTURES),
+                   help="what the batches hold: " + "; ".join(f"{k}: {v}" for k, v in MIXTURES.items())
+                   + " (write the controls with --out, e.g. MODEL_DIR/slot_stats-corpus.safetensors)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="rows per batch (default: the batch size of the model's pretraining run, else 16)")
     p.add_argument("--seq-len", type=int, default=None,
@@ -192,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"the stream file's format: {', '.join(format_names())} (default: detected from its content)")
     p.add_argument("--max-facts", type=int, default=None, help="use N items of --stream (from --first-fact on)")
     p.add_argument("--first-fact", type=int, default=0, help="number of the stream's first item in --stream (default 0)")
-    p.add_argument("--background", default="pretraining", choices=["pretraining", "stream"],
-                   help="what sparse ranks slots against: the model's slot_stats.safetensors (default) or the stream's own batches")
+    p.add_argument("--background", default="pretraining", metavar="pretraining|stream|STATS_FILE",
+                   help="what sparse ranks slots against: the model's slot_stats.safetensors (default), the stream's own "
+                        "batches, or a statistics file of the model (e.g. `smviz stats --mixture corpus --out FILE`)")
     p.add_argument("--learn-eval", default=None, metavar="QA_FILE",
                    help="a qa file that measures learning (default: the stream facts' held-out questions; "
                         "needed for documents and qa streams)")

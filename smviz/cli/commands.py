@@ -242,7 +242,7 @@ def cmd_stats(args: argparse.Namespace) -> None:
     with distributed_from_env(args.device) as (rank, world_size, device):
         stats = background_stats(
             args.workspace, args.model, unit=args.unit, n_batches=args.batches, batch_size=args.batch_size,
-            seq_len=args.seq_len, device=device, out=args.out, rank=rank, world_size=world_size,
+            seq_len=args.seq_len, device=device, out=args.out, rank=rank, world_size=world_size, mixture=args.mixture,
         )
     if rank != 0:
         return

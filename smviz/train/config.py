@@ -13,7 +13,7 @@ import smviz.train.builtin  # noqa: F401  (registers the built-in methods, which
 from smviz.config import from_dict
 from smviz.errors import ConfigError
 from smviz.train.lora import DEFAULT_TARGETS
-from smviz.train.methods import OPTIMIZERS, VALUE_ROWS, Method, get_method, method_names
+from smviz.train.methods import ALL_PARAMETERS, OPTIMIZERS, VALUE_ROWS, Method, get_method, method_names
 from smviz.train.stream import COMPOSITIONS
 
 DEFAULT_WEIGHT_DECAY = 0.1  # AdamW's, when none is given
@@ -38,7 +38,13 @@ class FinetuneConfig:
     lora_rank: int = field(default=32, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=64.0, metadata={"help": "LoRA alpha (scale = alpha / rank)"})
     lora_targets: tuple[str, ...] = field(default=DEFAULT_TARGETS, metadata={
-        "help": "names of the linear layers LoRA adapts (nn.Linear or GPT-2's Conv1D; those present are used)"})
+        "help": "names of the linear layers LoRA adapts (nn.Linear or GPT-2's Conv1D; those present are used); "
+                "query, w1 and w2 are a memory layer's projections (smviz.train.lora.MEMORY_TARGETS)"})
+    value_lr_mult: float = field(default=1.0, metadata={
+        "help": "full: the value tables' learning rate as a multiple of lr (pretraining trains them at the model's "
+                "MemoryConfig.value_lr_mult, 10 in the presets)"})
+    freeze_memory: bool = field(default=False, metadata={
+        "help": "full: the memory layers (keys, query, values, projections) stay frozen; every other parameter trains"})
     checkpoint_every: int = field(default=0, metadata={"help": "steps between full model checkpoints (0: none)"})
     seed: int = field(default=0, metadata={"help": "seed of batch composition, LoRA initialisation and random-t selection"})
 
@@ -49,7 +55,7 @@ class FinetuneConfig:
         get_method(self.method)
         if self.optimizer is not None and self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose sgd or adamw")
-        for name in ("lr", "lora_alpha"):
+        for name in ("lr", "lora_alpha", "value_lr_mult"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a finite number > 0, got {value}")
@@ -61,6 +67,10 @@ class FinetuneConfig:
         for name in ("batch_size", "steps_per_fact", "eval_every", "lora_rank"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if (self.value_lr_mult != 1.0 or self.freeze_memory) and self.spec.trains != ALL_PARAMETERS:
+            raise ConfigError(f"value_lr_mult and freeze_memory are settings of full finetuning, not of {self.method!r}")
+        if self.value_lr_mult != 1.0 and self.freeze_memory:
+            raise ConfigError("value_lr_mult is the lr of value tables that train: it cannot be set with freeze_memory")
         if self.checkpoint_every < 0:
             raise ConfigError("checkpoint_every must be >= 0")
         if self.composition not in COMPOSITIONS:

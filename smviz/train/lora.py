@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 # attention and FFN projections: Llama / Mistral / Qwen2 names, then GPT-2's
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "c_attn", "c_proj", "c_fc")
+MEMORY_TARGETS = ("query", "w1", "w2")  # a memory layer's query projection and its output gate / projection
 ADAPTABLE = (torch.nn.Linear, Conv1D)
 
 

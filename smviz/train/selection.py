@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from smviz.errors import ConfigError
-from smviz.stats import SlotStats, idf
+from smviz.stats import SlotStats, idf, rank
 from smviz.train.methods import MEMORY_LR, VALUE_ROWS, Method, get_method, register_method
 
 
@@ -33,6 +33,14 @@ class Selection:
     df: torch.Tensor  # (t,) int64 background document frequency (-1 without background statistics)
     score: torch.Tensor  # (t,) float: the rule's score
     accessed: int  # distinct slots the batch read
+
+    def by_gradient(self, grad: torch.Tensor, top_t: int) -> tuple[Selection, torch.Tensor]:
+        """For a `ranks_gradient` rule's selection (every read row, ascending, as `grad`'s rows are):
+        the `top_t` rows of largest gradient norm (score: the norm; ties to the lower slot id) and
+        their positions in `grad`."""
+        norms = torch.linalg.vector_norm(grad.double(), dim=1)
+        keep = rank(norms, top_t)
+        return Selection(self.rows[keep], self.tf[keep], self.df[keep], norms[keep], self.accessed), keep
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,10 @@ class SelectionRule:
     """It reads `reads.background`, which must exist."""
     uses_top_t: bool = True
     """It picks at most `top_t` rows (else as many as it likes, e.g. every read slot)."""
+    ranks_gradient: bool = False
+    """It ranks by the value gradient: `choose` returns every read slot in ascending order (their
+    gradients are computed), and the trainer keeps the `top_t` rows of largest gradient norm
+    (`Selection.by_gradient`)."""
 
     @property
     def method_name(self) -> str:

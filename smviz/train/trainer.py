@@ -64,11 +64,18 @@ class Trainer:
             return
         if self.trains == ADAPTERS:
             self.peft_model = lora.attach(model, config.lora_targets, config.lora_rank, config.lora_alpha, config.seed)
-        params = [p for p in model.parameters() if p.requires_grad or self.trains == ALL_PARAMETERS]
-        for p in params:
-            p.requires_grad_(True)
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
+        if self.trains == ALL_PARAMETERS:  # every parameter, or every one outside the memory layers
+            memory = {id(p) for layer in model.memory_layers.values() for p in layer.parameters()}
+            for p in model.parameters():
+                p.requires_grad_(not (config.freeze_memory and id(p) in memory))
+        params = [p for p in model.parameters() if p.requires_grad]  # LoRA: its adapters
+        # full finetuning with value_lr_mult: the value tables in a group of their own, at their own rate
+        values = {id(layer.value_table.weight) for layer in model.memory_layers.values()} if config.value_lr_mult != 1.0 else set()
+        groups = [{"params": [p for p in params if p.dim() >= 2 and id(p) not in values], "weight_decay": config.weight_decay},
                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        if values:
+            groups.append({"params": [p for p in params if id(p) in values], "weight_decay": config.weight_decay,
+                           "lr": config.lr * config.value_lr_mult})
         if config.optimizer == "sgd":
             self.optimizer = torch.optim.SGD(groups, lr=config.lr)
         else:
@@ -113,9 +120,13 @@ class Trainer:
             if rows:
                 for block, layer in self.model.memory_layers.items():
                     t = trainables[block]
-                    grad_norms[block] = torch.linalg.vector_norm(t.delta.grad).item() if len(t.rows) else 0.0
-                    if len(t.rows):
-                        self.row_optimizers[block].step(layer.value_table.weight, t.rows, t.delta.grad)
+                    train, grad = t.rows, t.delta.grad
+                    if self.selector.rule.ranks_gradient and len(train):  # every read row has a gradient: keep top_t
+                        selections[block], keep = selections[block].by_gradient(grad, self.config.top_t)
+                        train, grad = train[keep], grad[keep]
+                    grad_norms[block] = torch.linalg.vector_norm(grad).item() if len(train) else 0.0
+                    if len(train):
+                        self.row_optimizers[block].step(layer.value_table.weight, train, grad)
         if not rows:
             grads = [p.grad for p in self.trainable.values() if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item() if grads else 0.0

@@ -60,11 +60,14 @@ def run_finetune(
     `forget_eval` (name → path) and by the NLL of `heldout_rows` rows of `seq_len` tokens of `heldout`
     (a corpus or documents JSONL file, or plain text). `prompt_format` (qa, completion or chat) is how
     questions are put to the model. Sparse methods rank against the model's background statistics
-    (`background="pretraining"`: its slot_stats.safetensors) or against the stream's own batches
-    (`"stream"`, the paper's Fig. 7 ablation). Every input is read and checked before anything is written."""
+    (`background="pretraining"`: its slot_stats.safetensors), against the stream's own batches
+    (`"stream"`, the paper's Fig. 7 ablation) or against a statistics file of the model (a path: e.g. a
+    background of corpus text only, `background_stats(mixture="corpus")`). Every input is read and checked before anything is written."""
     config = config.resolved()
-    if background not in BACKGROUNDS:
-        raise ConfigError(f"unknown background {background!r}; choose one of {', '.join(BACKGROUNDS)}")
+    background_file = None if background in BACKGROUNDS else Path(background)
+    if background_file is not None and not background_file.is_file():
+        raise ConfigError(f"unknown background {background!r}; choose {' or '.join(BACKGROUNDS)}, or a statistics file "
+                          "of the model (smviz stats --out FILE)")
     if first_fact < 0:
         raise ConfigError(f"first_fact must be >= 0, got {first_fact}")
     for name, value in (("max_facts", max_facts), ("known_facts", known_facts), ("heldout_rows", heldout_rows), ("seq_len", seq_len)):
@@ -110,6 +113,8 @@ def run_finetune(
     stats = None
     if config.sparse and background == "stream":
         stats = stream_stats(model, train_stream)
+    elif config.sparse and background_file is not None:
+        stats = SlotStats.load(background_file, model)  # refused unless computed with this model
     elif config.sparse and (Path(model_dir) / STATS_FILE).is_file():
         stats = SlotStats.load_for_model(model_dir, model)
     return finetune(model, train_stream, config=config, run_dir=run_dir, eval_sets=sets, stats=stats, progress=progress,

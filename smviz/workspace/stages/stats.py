@@ -4,6 +4,7 @@ counts (random batches of its own pretraining mixture), with what settings, writ
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import replace
@@ -15,7 +16,7 @@ from smviz.errors import ConfigError
 from smviz.model import MemoryModel
 from smviz.errors import StatsError
 from smviz.stats import STATS_FILE, SlotStats, check_run_settings, count_batches
-from smviz.train.pretrain import PretrainConfig
+from smviz.train.pretrain import PretrainConfig, RetrofitConfig
 from smviz.workspace.layout import Workspace
 from smviz.workspace.stages.base import Plan, Stage, check_length
 from smviz.workspace.stages.data import load_data
@@ -28,6 +29,15 @@ BACKGROUND_STEP_OFFSET = 10**6
 pretraining mixture, reproducible, and (for any run shorter than a million steps) not the exact batches
 the model trained on."""
 DEFAULT_BACKGROUND_BATCHES = 1000  # the paper: 1000 random batches of pretraining data
+MIXTURES = {
+    "pretraining": "the pretraining mixture: corpus train split + world texts of known and bio-only people",
+    "corpus": "corpus train rows only, no world text (a background that is not the fact probe's distribution)",
+    "no-known": "the pretraining mixture without the known people's documents (their biographies and Q/A): "
+                "corpus + bio-only biographies",
+}
+"""What a background can count (`background_stats(mixture=...)`): the paper ranks against its pretraining
+data; the others are controls (issue 17's C1: a background holding the very documents that measure
+forgetting protects the slots the probe reads)."""
 
 
 def stats_workspace(ws: Workspace | str | os.PathLike | None, model_dir: str | os.PathLike) -> Workspace:
@@ -60,6 +70,7 @@ def background_stats(
     rank: int = 0,
     world_size: int = 1,
     stop_after: int | None = None,
+    mixture: str = "pretraining",
 ) -> SlotStats | None:
     """Background statistics of the model in `model_dir`, written to `out` (default beside its weights).
 
@@ -68,9 +79,13 @@ def background_stats(
     `make_stream` builds it with the PretrainConfig of `ws.pretrain_run(<model dir name>)` (defaults
     when the run is absent); batch i is `stream.batch(BACKGROUND_STEP_OFFSET + i)`, batch size and
     sequence length default to that config's (the sequence length at most the model's maximum
-    positions). `ws` None: see `stats_workspace`. Resumable and distributed as `count_batches` is;
-    `stop_after` (tests) returns None with the partial state on disk.
+    positions). `mixture` (`MIXTURES`) takes the corpus rows only ("corpus") or leaves the known people's
+    documents out ("no-known"), the same batch indices otherwise. `ws` None: see `stats_workspace`.
+    Resumable and distributed as `count_batches` is; `stop_after` (tests) returns None with the partial
+    state on disk.
     """
+    if mixture not in MIXTURES:
+        raise ConfigError(f"unknown background mixture {mixture!r}; choose one of {', '.join(MIXTURES)}")
     check_run_settings(n_batches, unit=unit, checkpoint_every=checkpoint_every, stop_after=stop_after, rank=rank,
                        world_size=world_size)
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
@@ -89,11 +104,17 @@ def background_stats(
         log.info("no pretraining run at %s: background batches use the PretrainConfig defaults", ws.pretrain_run(model_dir.name))
         config = PretrainConfig()
     config = replace(config, batch_size=batch_size or config.batch_size, seq_len=seq_len or config.seq_len)
+    if isinstance(config, RetrofitConfig):  # a retrofit's replay (the base's own answers) is not counted
+        config = replace(config, replay_share=0.0)
     check_length("seq_len", config.seq_len, model)
     data = load_data(ws.data)
+    if mixture == "corpus":
+        config = replace(config, fact_share=0.0)
+    elif mixture == "no-known":
+        data = dataclasses.replace(data, world=dataclasses.replace(data.world, known=[]))
     stream = make_stream(data, model.tokenizer, config)
     protocol = {
-        "source": "pretraining-mixture", "pretrain_run": run, "world": data.world.config.to_dict(),
+        "source": "pretraining-mixture", "mixture": mixture, "pretrain_run": run, "world": data.world.config.to_dict(),
         "corpus_rows": len(stream.corpus_rows), "world_rows": len(stream.world_ids),
         "batch_size": config.batch_size, "seq_len": config.seq_len, "fact_share": config.fact_share,
         "world_copies": config.world_copies, "seed": config.seed, "step_offset": BACKGROUND_STEP_OFFSET,
