@@ -507,7 +507,8 @@ def test_sparse_run_directory_is_complete(ws, world, tmp_path, device):
     summary = run(ws, run_dir, config, device=device)
     facts = world.new[:5]
     base, stats = load(ws)
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "deltas", "metrics.jsonl", "model", "steps.parquet", "stream.jsonl", "summary.json"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "deltas", "metrics.jsonl", "model", "questions.jsonl",
+                                                         "steps.parquet", "stream.jsonl", "summary.json"]
 
     identity = json.loads((run_dir / "config.json").read_text())
     assert identity["format"] == "smviz-finetune/1" and identity["config"] == config.to_dict()
@@ -520,6 +521,21 @@ def test_sparse_run_directory_is_complete(ws, world, tmp_path, device):
     metrics = read_metrics(run_dir)
     assert [m["step"] for m in metrics] == [0, 2, 4, 5] and [m["facts_seen"] for m in metrics] == [0, 2, 4, 5]
     assert metrics[0]["learn_em"] is None and all(m["heldout_nll"] > 0 for m in metrics)
+    # questions.jsonl: every question's score behind the means, the last ones those of the saved model asked afresh
+    from smviz.analysis import Run
+    from smviz.evaluate import answer_questions
+
+    questions = Run(run_dir).questions
+    assert sorted(questions["step"].unique()) == [0, 2, 4, 5] and set(questions["set"]) == {"stream", "known"}
+    for m in metrics:
+        at = questions[questions["step"] == m["step"]]
+        for name in ("stream", "known"):
+            assert at[at["set"] == name]["em"].mean() == pytest.approx(m[f"{name}_em"], abs=1e-12)
+            assert at[at["set"] == name]["f1"].mean() == pytest.approx(m[f"{name}_f1"], abs=1e-12)
+    final_rows = answer_questions(MemoryModel.from_pretrained(run_dir / "model", device=device), world.known[:4])
+    last = questions[(questions["step"] == 5) & (questions["set"] == "known")]
+    assert last["id"].tolist() == [f"{r['fact_id']}/{r['template']}" for r in final_rows]
+    assert last["em"].tolist() == [float(r["em"]) for r in final_rows]
 
     table = pq.read_table(run_dir / "steps.parquet")
     assert table.schema.names == STEP_SCHEMA.names

@@ -94,6 +94,17 @@ class Run:
         return df
 
     @property
+    def questions(self) -> pd.DataFrame:
+        """One row per evaluation and question asked (questions.jsonl): step, set ("stream", "learn",
+        "known" or "forget/NAME"), id (FACT_ID/TEMPLATE, or a QA item's id), em, f1 — the numbers behind
+        metrics' means, for intervals over questions and paired tests between runs. Empty (with these
+        columns) for runs written before questions.jsonl existed."""
+        columns = ["step", "set", "id", "em", "f1"]
+        frames = [pd.DataFrame({"step": record["step"], "set": name, "id": scores["id"], "em": scores["em"], "f1": scores["f1"]})
+                  for record in self.dir.questions() for name, scores in record.items() if name != "step"]
+        return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
+
+    @property
     def steps(self) -> pd.DataFrame:
         """One row per step and memory layer (steps.parquet): step, fact_id, fact_index, loss, layer,
         accessed, grad_norm, selected, tf, df, score (the last four are arrays, best first)."""

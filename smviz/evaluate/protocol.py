@@ -90,10 +90,20 @@ def evaluate_point(model: MemoryModel, sets: EvalSets, seen: int) -> dict[str, A
     """One evaluation after `seen` stream items: learning EM/F1 (on the learning QA set, else on the
     first `seen` stream facts), EM/F1 on all stream facts, known-fact EM/F1, each probe's EM/F1/contained, the
     editing metrics of an editing stream, held-out NLL. A metric that is not measured is None."""
+    return score_point(model, sets, seen)[0]
+
+
+def score_point(model: MemoryModel, sets: EvalSets, seen: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`evaluate_point`'s metrics and the per-question scores behind them: {set: {"id", "em", "f1"}}
+    for the sets "stream", "learn", "known" and "forget/NAME" that were asked, in their fixed order
+    (a question's id: FACT_ID/TEMPLATE, or the QA item's id). Intervals over questions and paired
+    tests between runs need them (the same ids in every run of one protocol)."""
     fmt = sets.prompt_format
     out: dict[str, Any] = {"facts_seen": seen, "learn_em": None, "learn_f1": None, "stream_em": None, "stream_f1": None}
+    questions: dict[str, Any] = {}
     if sets.kind == "facts":
         stream_rows = answer_questions(model, sets.stream, prompt_format=fmt)
+        questions["stream"] = _question_scores(stream_rows)
         stream = qa_metrics(stream_rows)
         out["stream_em"], out["stream_f1"] = stream["em"], stream["f1"]
         if sets.learn is None and seen:
@@ -101,18 +111,33 @@ def evaluate_point(model: MemoryModel, sets: EvalSets, seen: int) -> dict[str, A
             learned = qa_metrics([r for r in stream_rows if r["fact_id"] in seen_ids])
             out["learn_em"], out["learn_f1"] = learned["em"], learned["f1"]
     if sets.learn is not None:
-        learned = qa_metrics(answer_qa_items(model, sets.learn, prompt_format=fmt))
+        learn_rows = answer_qa_items(model, sets.learn, prompt_format=fmt)
+        questions["learn"] = _question_scores(learn_rows)
+        learned = qa_metrics(learn_rows)
         out["learn_em"], out["learn_f1"] = learned["em"], learned["f1"]
-    known = qa_metrics(answer_questions(model, sets.known, prompt_format=fmt)) if sets.known else None
+    known = None
+    if sets.known:
+        known_rows = answer_questions(model, sets.known, prompt_format=fmt)
+        questions["known"] = _question_scores(known_rows)
+        known = qa_metrics(known_rows)
     out["known_em"] = known["em"] if known else None
     out["known_f1"] = known["f1"] if known else None
     if sets.probes:
-        out["forget"] = {name: _probe_metrics(answer_qa_items(model, items, prompt_format=fmt)) for name, items in sorted(sets.probes.items())}
+        out["forget"] = {}
+        for name, items in sorted(sets.probes.items()):
+            rows = answer_qa_items(model, items, prompt_format=fmt)
+            questions[f"forget/{name}"] = _question_scores(rows)
+            out["forget"][name] = _probe_metrics(rows)
     if sets.kind == "edits":
         means = mean_edit_metrics(edit_scores(model, sets.stream, prompt_format=sets.edit_format))
         out["editing"] = {k: means[k] for k in (*EDIT_METRICS, "n")}
     out["heldout_nll"] = None if sets.heldout_rows is None else heldout_nll(model, sets.heldout_rows)["nll"]
-    return out
+    return out, questions
+
+
+def _question_scores(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    ids = [r["fact_id"] if r["template"] is None else f"{r['fact_id']}/{r['template']}" for r in rows]
+    return {"id": ids, "em": [float(r["em"]) for r in rows], "f1": [float(r["f1"]) for r in rows]}
 
 
 def _rel_drop(a: float | None, b: float | None) -> float | None:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from smviz.data.formats.canonical import canonical_dict
 from smviz.errors import ConfigError, RunError
-from smviz.evaluate.protocol import EvalSets, evaluate_point, summarize
+from smviz.evaluate.protocol import EvalSets, score_point, summarize
 from smviz.io import json_text
 from smviz.model import MemoryModel
 from smviz.stats import SlotStats
@@ -78,8 +78,15 @@ def finetune(
     start = restore(trainer, run)
     steps_rows = run.steps(start)
     run.truncate_metrics(start if start else -1)  # starting over: step 0 is evaluated again below
+    run.truncate_questions(start if start else -1)
+
+    def evaluate(step: int, seen: int) -> None:
+        metrics, questions = score_point(model, eval_sets, seen)
+        run.append_metrics({"step": step, **metrics})
+        run.append_questions({"step": step, **questions})
+
     if start == 0:
-        run.append_metrics({"step": 0, **evaluate_point(model, eval_sets, 0)})
+        evaluate(0, 0)
 
     n_steps = len(stream)
     done_now = 0
@@ -96,7 +103,7 @@ def finetune(
             done, done_now = step + 1, done_now + 1
             if done % config.eval_every == 0 or done == n_steps:
                 seen = stream.item_index(step) + 1
-                run.append_metrics({"step": done, **evaluate_point(model, eval_sets, seen)})
+                evaluate(done, seen)
                 run.write_steps(steps_rows)
                 layout, tensors = trainer.state()
                 run.save_state({"step": done, **layout}, tensors)

@@ -52,6 +52,7 @@ STEP_SCHEMA = pa.schema([
 ])
 
 CONFIG, METRICS, SUMMARY, STEPS, STREAM = "config.json", "metrics.jsonl", "summary.json", "steps.parquet", "stream.jsonl"
+QUESTIONS = "questions.jsonl"  # per evaluation: every question's em and f1 (`smviz.evaluate.protocol.score_point`)
 DELTAS, CHECKPOINTS, STATE, MODEL, CHECKPOINT = "deltas", "checkpoints", "state", "model", "checkpoint"
 TRAINER, OPTIMIZER, TRAINABLE = "trainer.json", "optimizer", "trainable"  # state files (tensors: NAME.safetensors)
 
@@ -171,6 +172,17 @@ class FinetuneRunDir:
 
     def metrics(self) -> list[dict[str, Any]]:
         return read_jsonl(self.path / METRICS)
+
+    # ---- questions.jsonl: {"step", set name: {"id": [...], "em": [...], "f1": [...]}} per evaluation
+
+    def append_questions(self, record: dict[str, Any]) -> None:
+        append_jsonl(self.path / QUESTIONS, [record])
+
+    def truncate_questions(self, step: int) -> None:
+        truncate_jsonl(self.path / QUESTIONS, step)
+
+    def questions(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.path / QUESTIONS)
 
     # ---- steps.parquet
 
