@@ -22,7 +22,8 @@ from test_evaluate import greedy_ids_reference
 from test_import import TEXTS, micro_llama, write_hf_dir
 
 SHORT = dict(steps=6, batch_size=4, eval_every=3, eval_facts=4, usage_rows=4, log_every=3, checkpoint_every=3,
-             prompt_format="qa", memory={"n_keys": 16, "knn": 8, "heads": 2, "value_lr_mult": 10})
+             prompt_format="qa", replay=0, replay_share=0.0,  # replay: test_retrofit (a micro model answers a qa prompt with nothing)
+             memory={"n_keys": 16, "knn": 8, "heads": 2, "value_lr_mult": 10})
 STREAM = dict(max_facts=2, known_facts=4, heldout_rows=4, config=dict(batch_size=4, steps_per_fact=2, eval_every=2, top_t=16),
               per_method={"sparse": {"lr": 500.0}})
 

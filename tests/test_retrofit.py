@@ -18,7 +18,7 @@ from smviz.cli import main
 from smviz.data.prompts import get_prompt_format
 from smviz.data.tokenizer import train_tokenizer
 from smviz.data.world import WorldConfig
-from smviz.errors import ConfigError, ModelFileError
+from smviz.errors import ConfigError, ModelFileError, RunError
 from smviz.evaluate import heldout_nll, memory_activity
 from smviz.data.corpus import Article
 from smviz.evaluate.probe import answering_model
@@ -273,6 +273,11 @@ def test_replay_trains_on_the_base_models_own_answers(ws, talkative):
     for step in range(3):
         rows = [tuple(row) for row in split.batch(step)["input_ids"].tolist()]
         assert sum(r in replay_rows for r in rows) == 2 and sum(r in world_rows for r in rows) == 4
+    # a base that answers nothing leaves a replay share nothing to draw: said so, before any step
+    with pytest.raises(RunError, match="answered none of the 2 replay questions"):
+        run_retrofit(ws, "silent-replay", config(ws, replay=2, replay_share=0.25, prompt_format="chat", seq_len=128),
+                     device=CPU, progress=False)
+    assert not PretrainRunDir(ws.pretrain_run("silent-replay")).metrics()
     # a resumed (here: finished) run reads the file back and changes nothing
     before = path.stat().st_mtime_ns
     run_retrofit(ws, "replay", cfg, device=CPU, progress=False)

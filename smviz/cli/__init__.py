@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, nargs="+", default=None, metavar="BLOCK",
                    help="blocks that get a memory layer (default: the block at two thirds of the depth, 20 of 30)")
     p.add_argument("--recipe", default=None, choices=sorted(RETROFIT_RECIPES),
-                   help="start from a committed recipe (smollm2: analyses/retrofit.md's r3, for the world "
+                   help="start from a committed recipe (smollm2: analyses/retrofit.md's r5, for the world "
                         "`smviz world --known 20 --bio-only 5 --new 20`); other flags override it")
     names = add_config_flags(p, RetrofitConfig, skip=("base", "preset", "model", "memory", "dense_phase_steps",
                                                       "dense_phase_fact_share"))

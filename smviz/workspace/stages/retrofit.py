@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from smviz.data.prompts import get_prompt_format
+from smviz.errors import RunError
 from smviz.evaluate import memory_health
 from smviz.model import MemoryModel, model_dir_hash
 from smviz.train.pretrain import RetrofitConfig, build_model, pretrain
@@ -65,6 +66,10 @@ def run_retrofit(
         run.claim(config.to_dict())
         replay = replay_texts(run.path, start.to(device), model_dir_hash(config.base), data, n=config.replay,
                               seed=config.seed, prompt_format=config.prompt_format)
+        if config.replay_share and not replay:
+            raise RunError(f"the base model answered none of the {config.replay} replay questions (every answer was "
+                           f"empty in prompt format {config.prompt_format}), so a replay share has nothing to draw; "
+                           "retrofit without --replay-share, or in the prompt format the model answers in")
     del start
 
     stream = make_stream(data, tokenizer, config, replay)
