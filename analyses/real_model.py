@@ -37,7 +37,7 @@ import pandas as pd
 from smviz.analysis.continual import at_learning, forgetting_curve
 from smviz.analysis.runs import Run
 from smviz.errors import SmvizError
-from smviz.io import write_json_atomic, write_text_atomic
+from smviz.io import write_json_atomic, write_png_atomic, write_text_atomic
 from smviz.stats import STATS_FILE
 from smviz.train import FinetuneConfig
 from smviz.train.rundir import FinetuneRunDir
@@ -185,7 +185,7 @@ def figures(doc: dict[str, Any], out: Path) -> list[str]:
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     curves = out / "real_model_curves.png"
-    fig.savefig(curves, dpi=110)
+    write_png_atomic(curves, fig)
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(5, 3.8))
@@ -199,7 +199,7 @@ def figures(doc: dict[str, Any], out: Path) -> list[str]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     pareto = out / "real_model_pareto.png"
-    fig.savefig(pareto, dpi=110)
+    write_png_atomic(pareto, fig)
     plt.close(fig)
     return [curves.name, pareto.name]
 

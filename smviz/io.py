@@ -6,6 +6,7 @@ JSON is strict: NaN and infinities are written as null."""
 from __future__ import annotations
 
 import errno
+import io
 import json
 import math
 import os
@@ -82,6 +83,14 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     with atomic_open(path, "wb") as f:
         f.write(data)
+
+
+def write_png_atomic(path: str | os.PathLike, fig: Any, dpi: int = 110) -> None:
+    """A matplotlib figure written as PNG, atomically, without a software-version entry in its metadata
+    (so that a rerun of a study writes the same bytes)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, metadata={"Software": None}, format="png")
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def strict_json(obj: Any) -> Any:

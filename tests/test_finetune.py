@@ -694,7 +694,7 @@ def test_cli_bad_input_exits_2_and_writes_nothing(ws, tmp_path, capsys):
         (["--known", str(bad / "empty.jsonl")], "holds no facts"),
         (["--top-t", "0"], "top_t must be >= 1"),
         (["--top-t", "257"], "larger than the memory (256 slots)"),
-        (["--method", "dense"], "choose one of sparse, tf-only, memory-all, random-t, kl, grad-norm, full, lora"),
+        (["--method", "dense"], "choose one of sparse, tf-only, memory-all, random-t, kl, grad-norm, sparse-tf-ties, full, lora"),
         (["--background", str(bad / "nowhere.safetensors")], "unknown background"),
         (["--value-lr-mult", "10"], "settings of full finetuning, not of 'sparse'"),
         (["--lr", "0"], "lr must be a finite number"),

@@ -29,8 +29,8 @@ CPU = torch.device("cpu")
 
 
 def test_registries_hold_the_methods_as_named_in_run_configs():
-    assert method_names() == ("sparse", "tf-only", "memory-all", "random-t", "kl", "grad-norm", "full", "lora")
-    assert rule_names() == ("tf-idf", "tf-only", "memory-all", "random-t", "kl", "grad-norm")
+    assert method_names() == ("sparse", "tf-only", "memory-all", "random-t", "kl", "grad-norm", "sparse-tf-ties", "full", "lora")
+    assert rule_names() == ("tf-idf", "tf-only", "memory-all", "random-t", "kl", "grad-norm", "tf-idf-tf-ties")
     assert get_rule("grad-norm").ranks_gradient and not get_rule("tf-idf").ranks_gradient
     sparse, kl, full, lora = (get_method(m) for m in ("sparse", "kl", "full", "lora"))
     assert (sparse.trains, sparse.rule, sparse.needs_stats, sparse.uses_top_t) == (VALUE_ROWS, "tf-idf", True, True)
@@ -86,6 +86,23 @@ def test_kl_rule_by_hand():
     assert tie.rows.tolist() == [1]
     with pytest.raises(ConfigError, match="kl selection needs the model's background slot statistics"):
         RowSelector("kl", 2, 5, None, CPU)
+
+
+def test_tf_ties_rule_by_hand():
+    # 6 slots, background of 4 batches: slots 1, 2 and 4 were read in every one (idf 0)
+    df = torch.tensor([[1, 4, 4, 0, 4, 2]])
+    stats = SlotStats((1,), 6, "batch", df * 3, df, n_docs=4)
+    counts = torch.tensor([1, 1, 5, 2, 3, 0])  # Σ = 12; slot 5 not read
+    idf = [math.log(5 / 2), 0.0, 0.0, math.log(5), 0.0]
+    tf = [c / 12 for c in (1, 1, 5, 2, 3)]
+    # nonzero scores: slot 3 (2/12·ln 5 = 0.268), slot 0 (1/12·ln 2.5 = 0.076); then the zero-IDF ties:
+    # sparse fills them by slot id (1, 2, 4), this rule by TF (2: 5/12, 4: 3/12, 1: 1/12)
+    assert [round(t * i, 3) for t, i in zip(tf, idf)] == [0.076, 0.0, 0.0, 0.268, 0.0]
+    ties = RowSelector("sparse-tf-ties", 4, 6, stats, CPU).select(1, counts, step=0)
+    plain = RowSelector("sparse", 4, 6, stats, CPU).select(1, counts, step=0)
+    assert ties.rows.tolist() == [3, 0, 2, 4] and plain.rows.tolist() == [3, 0, 1, 2]
+    assert ties.score.tolist() == pytest.approx([tf[3] * idf[3], tf[0] * idf[0], 0.0, 0.0])
+    assert RowSelector("sparse-tf-ties", 5, 6, stats, CPU).select(1, counts, step=0).rows.tolist() == [3, 0, 2, 4, 1]
 
 
 def test_kl_rule_against_brute_force():

@@ -530,6 +530,11 @@ def test_control_mixtures_count_corpus_rows_only_or_no_known_persons_text(worksp
     with pytest.raises(ConfigError, match="unknown background mixture 'dclm'"):
         _run(ws, tmp_path / "x.safetensors", n_batches=1, mixture="dclm")
     assert not (tmp_path / "x.safetensors").exists()
+    # the command line: smviz stats --mixture corpus --out FILE
+    out = tmp_path / "cli-corpus.safetensors"
+    assert main(["stats", "--model", str(ws.model("m")), "--workspace", str(ws.root), "--batches", "4", "--mixture",
+                 "corpus", "--out", str(out), "--device", "cpu"]) == 0
+    assert SlotStats.load(out, model) == corpus
 
 
 def test_interrupted_run_resumes_to_the_uninterrupted_result(workspace, tmp_path, caplog):

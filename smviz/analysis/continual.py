@@ -1,7 +1,7 @@
 """Learning against forgetting across finetuning runs: a run's curve with its forgetting measured from
 its own start (`forgetting_curve`), the point where a run reaches a given learning level, interpolated
-along its curve (`at_learning`: the paper's "same level of new knowledge acquisition"), and mean ± std
-over seeds (`mean_std`). `analyses/continual_facts.py` builds its tables and figures from these.
+along its curve (`at_learning`, `crossing`: the paper's "same level of new knowledge acquisition"), and
+mean ± std over seeds (`mean_std`). `analyses/continual_facts.py` builds its tables and figures from these.
 """
 
 from __future__ import annotations
@@ -46,22 +46,28 @@ def at_learning(curve: pd.DataFrame, level: float, *, learning: str = "stream_em
     """`columns` at the first point where `curve[learning]` reaches `level`, linearly interpolated
     between the two evaluations around the crossing (steps too); None if the run never reaches it.
     A curve that starts at or above `level` gives its start."""
-    x = curve[learning].to_numpy(dtype=float)
-    reached = np.flatnonzero(x >= level)
-    if len(reached) == 0:
+    found = crossing(curve[learning].to_numpy(dtype=float), level)
+    if found is None:
         return None
-    i = int(reached[0])
-    if i == 0:
-        frac, lo = 0.0, 0
-    else:
-        lo = i - 1
-        frac = (level - x[lo]) / (x[i] - x[lo])
+    lo, i, frac = found
     out = {"level": float(level)}
     for column in ("step", *columns):
         a = float(curve[column].iloc[lo])
         b = float(curve[column].iloc[i])
         out[column] = a + frac * (b - a)
     return out
+
+
+def crossing(learning: np.ndarray, level: float) -> tuple[int, int, float] | None:
+    """Where a learning curve (values at successive evaluations) first reaches `level`: (lo, hi, frac)
+    with the point at (1 − frac)·[lo] + frac·[hi] (lo = hi = 0 when it starts there); None if never."""
+    reached = np.flatnonzero(learning >= level)
+    if len(reached) == 0:
+        return None
+    i = int(reached[0])
+    if i == 0:
+        return 0, 0, 0.0
+    return i - 1, i, float((level - learning[i - 1]) / (learning[i] - learning[i - 1]))
 
 
 def mean_std(values: Iterable[float | None]) -> dict[str, float | int | None]:
