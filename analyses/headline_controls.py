@@ -21,17 +21,22 @@ Stages:
      Each family picks the setting whose selection seeds reach the plan's target learning level with
      the least known-fact forgetting there, else the one that learns most. The same rule applies to
      every family. The Pareto front of each family over its whole grid is reported as well.
+     - the dense twin (C5′): full finetuning over its lr grid and LoRA over its grid (attention + FFN),
+       on a dense model pretrained with the memory model's own recipe, but with no memory and every
+       FFN widened until a token uses as many parameters as in the memory model
+       (`smviz.train.recipes.dense_twin`; WS/models/NAME-dense, pretrained first, resumably).
   2. backgrounds (C1): slot statistics of the model over corpus text only, and over the pretraining
      mixture without the known people's documents. Same batch count, batch size and length as the
      model's own statistics.
-  3. report: on the report seeds, each family's chosen setting, plus:
+  3. report: on the report seeds, each family's chosen setting (the dense twin's included), plus:
      - sparse at every rate of its grid under each of the three backgrounds (C1);
      - sparse, full and LoRA on statements only, the paper's setting (C7);
      - the selection rules kl, grad-norm and random-t at sparse's chosen rate.
 Analysis:
 - forgetting at matched learning (the highest level every chosen setting reaches on every report
   seed), with two-level bootstrap intervals over seeds and questions;
-- paired differences and sign-flip tests of sparse against each baseline;
+- paired differences and sign-flip tests of sparse against each baseline (against the dense twin, per
+  seed: the same facts learned, but each model's drop relative to its own start);
 - forgetting at equal steps (C2);
 - the mean forgetting over learning levels up to the matched one: the area under the
   learning–forgetting curve, per unit of learning;
@@ -42,7 +47,7 @@ headline_controls.json (every run's curve and per-question known-fact scores at 
 the choices, the command, model hash and protocol), headline_controls.md (the tables),
 headline_controls_steps.png (C2) and headline_controls_pareto.png (each family's front). Run
 directories go to --runs (default WS/controls). An interrupted study resumes where it stopped, and a
-rerun writes the same numbers. Not yet here: the dense twin (C5′).
+rerun writes the same numbers.
 """
 
 from __future__ import annotations
@@ -61,7 +66,8 @@ import numpy as np
 import pandas as pd
 
 from smviz.analysis.continual import at_learning, crossing, forgetting_curve
-from smviz.analysis.intervals import Interval, drop_difference, drop_difference_test, drop_interval, mean_interval
+from smviz.analysis.intervals import (Interval, drop_difference, drop_difference_test, drop_interval, mean_interval,
+                                     sign_flip_test)
 from smviz.analysis.runs import Run
 from smviz.errors import SmvizError
 from smviz.io import write_json_atomic, write_png_atomic, write_text_atomic
@@ -69,22 +75,25 @@ from smviz.model import MemoryModel
 from smviz.stats import STATS_FILE, SlotStats
 from smviz.train import FinetuneConfig
 from smviz.train.lora import DEFAULT_TARGETS, MEMORY_TARGETS
+from smviz.train.recipes import dense_twin
 from smviz.workspace import Workspace
-from smviz.workspace.stages import background_stats, run_finetune
+from smviz.workspace.stages import background_stats, pretrain_config_of, run_finetune, run_pretraining
 
 FORMAT = "smviz-headline-controls/1"
 NAME = "headline_controls"
 MAIN = ("sparse", "full", "full-values", "full-frozen-memory", "lora", "lora-memory")
+DENSE = ("dense-full", "dense-lora")  # on the dense twin (C5′)
 LABEL = {
     "sparse": "sparse memory (TF-IDF, SGD)", "full": "full finetuning (AdamW)",
     "full-values": "full, value tables at their own rate", "full-frozen-memory": "full, memory frozen",
     "lora": "LoRA (attention + FFN)", "lora-memory": "LoRA (+ memory projections)",
     "kl": "sparse, KL rule", "grad-norm": "sparse, gradient-norm top-t", "random-t": "sparse, random t",
     "sparse-tf-ties": "sparse, TF-IDF ties broken by TF",
+    "dense-full": "dense twin, full finetuning (AdamW)", "dense-lora": "dense twin, LoRA (attention + FFN)",
 }
 COLORS = {"sparse": "#1f77b4", "full": "#d62728", "full-values": "#e377c2", "full-frozen-memory": "#8c564b",
           "lora": "#ff7f0e", "lora-memory": "#bcbd22", "kl": "#17becf", "grad-norm": "#9467bd", "random-t": "#7f7f7f",
-          "sparse-tf-ties": "#aec7e8"}
+          "sparse-tf-ties": "#aec7e8", "dense-full": "#2ca02c", "dense-lora": "#98df8a"}
 BACKGROUND_MIXTURES = ("corpus", "no-known")
 
 
@@ -124,6 +133,7 @@ class Setting:
     options: tuple[tuple[str, Any], ...] = ()
     background: str = "pretraining"  # pretraining, or a BACKGROUND_MIXTURES name
     composition: str = "statements+qa"
+    model: str = "memory"  # memory: the study's model; dense: its dense twin (the family's name says so)
 
     @property
     def key(self) -> str:
@@ -153,7 +163,7 @@ class Setting:
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "label": self.label, "family": self.family, "method": self.method,
                 "optimizer": self.optimizer, "lr": self.lr, "options": {k: list(v) if isinstance(v, tuple) else v for k, v in self.options},
-                "background": self.background, "composition": self.composition}
+                "background": self.background, "composition": self.composition, "model": self.model}
 
 
 def selection_grid(plan: Plan, value_lr_mult: float) -> dict[str, list[Setting]]:
@@ -164,10 +174,12 @@ def selection_grid(plan: Plan, value_lr_mult: float) -> dict[str, list[Setting]]
         "full-values": [Setting("full-values", "full", "adamw", lr, (("value_lr_mult", float(value_lr_mult)),)) for lr in plan.full_lrs],
         "full-frozen-memory": [Setting("full-frozen-memory", "full", "adamw", lr, (("freeze_memory", True),)) for lr in plan.full_lrs],
     }
-    for family, targets in (("lora", DEFAULT_TARGETS), ("lora-memory", DEFAULT_TARGETS + MEMORY_TARGETS)):
+    for family, targets, model in (("lora", DEFAULT_TARGETS, "memory"), ("lora-memory", DEFAULT_TARGETS + MEMORY_TARGETS, "memory"),
+                                   ("dense-lora", DEFAULT_TARGETS, "dense")):
         grid[family] = [Setting(family, "lora", "adamw", lr, (("lora_rank", rank), ("lora_alpha", float(mult * rank)),
-                                                              ("lora_targets", targets)))
+                                                              ("lora_targets", targets)), model=model)
                         for rank in plan.lora_ranks for mult in plan.lora_alpha_mults for lr in plan.lora_lrs]
+    grid["dense-full"] = [Setting("dense-full", "full", "adamw", lr, model="dense") for lr in plan.full_lrs]
     return grid
 
 
@@ -192,6 +204,8 @@ class Study:
         self.ws = Workspace(args.workspace)
         self.data = self.ws.data
         self.model_dir = Path(args.model or self.ws.model("tiny"))
+        self.dense_name = f"{self.model_dir.name}-dense"
+        self.dense_dir = self.ws.model(self.dense_name)
         self.runs = Path(args.runs or self.ws.root / "controls")
         self.results: dict[str, dict[str, Any]] = {}
         self.loaded: dict[tuple[str, int], SeedRun] = {}
@@ -214,7 +228,28 @@ class Study:
             raise SmvizError(f"seeds up to {max(seeds)} of {self.plan.facts} facts each need {needed} new facts; the world has {n_new}")
         if self.plan.top_t > model.memory_config.n_slots:
             raise SmvizError(f"top_t {self.plan.top_t} exceeds the memory's {model.memory_config.n_slots} slots")
+        self.dense_config()
         return model
+
+    def dense_config(self):
+        """The dense twin's pretraining config: the model's own (WS/pretrain/NAME) made dense."""
+        own = pretrain_config_of(self.ws, self.model_dir.name)
+        if own is None:
+            raise SmvizError(f"the dense twin is pretrained with the model's own recipe, and {self.ws.pretrain_run(self.model_dir.name)} "
+                             "holds none: study a model pretrained in this workspace (make demo)")
+        tokenizer = MemoryModel.from_pretrained(self.model_dir).require_tokenizer("the dense twin")
+        return dense_twin(own, len(tokenizer))
+
+    def pretrain_dense_twin(self) -> dict[str, Any]:
+        """Stage 0: the dense twin, pretrained (or resumed, or read back) in the workspace."""
+        config = self.dense_config()
+        t0 = time.time()
+        model = run_pretraining(self.ws, self.dense_name, config, device=self.args.device, progress=False)
+        params = sum(p.numel() for p in model.parameters())
+        print(f"  dense twin {self.dense_dir}: FFN width {config.model['intermediate_size']}, {params:,} parameters "
+              f"(model {model.model_hash}; {time.time() - t0:.0f} s)", flush=True)
+        return {"model_dir": str(self.dense_dir), "hash": model.model_hash, "parameters": params,
+                "config": config.to_dict()}
 
     def background_file(self, mixture: str) -> Path:
         return self.runs / "backgrounds" / f"{mixture}.safetensors"
@@ -247,7 +282,7 @@ class Study:
             t0 = time.time()
             background = "pretraining" if setting.background == "pretraining" else str(self.background_file(setting.background))
             summary = run_finetune(
-                self.model_dir, run_dir, setting.config(self.plan, seed), stream=self.data / "facts-new.jsonl",
+                self.dense_dir if setting.model == "dense" else self.model_dir, run_dir, setting.config(self.plan, seed), stream=self.data / "facts-new.jsonl",
                 known=self.data / "facts-known.jsonl", heldout=self.data / "corpus-heldout.jsonl",
                 max_facts=self.plan.facts, first_fact=seed * self.plan.facts, background=background,
                 known_facts=self.args.known_facts, heldout_rows=self.args.heldout_rows, device=self.args.device,
@@ -351,6 +386,22 @@ def equal_steps(runs: list[SeedRun], seed: int) -> list[dict[str, Any]]:
     return out
 
 
+def per_seed_comparison(a: list[SeedRun], b: list[SeedRun], level: float, seed: int) -> dict[str, Any] | None:
+    """Known-fact drop of `a` minus that of `b` at learning `level`, seed by seed (the same seed learns
+    the same facts), each drop relative to its own model's start: for runs on different models, whose
+    questions start from different scores and so cannot be paired question by question. The mean
+    difference with its interval over seeds, and the sign-flip test over seeds."""
+    pa, pb = at_level(a, level), at_level(b, level)
+    sa, sb = start_scores(a), start_scores(b)
+    if pa is None or pb is None or sa.mean() == 0 or sb.mean() == 0:
+        return None
+    if [r.seed for r in a] != [r.seed for r in b]:
+        raise SmvizError("a per-seed comparison needs the same seeds on both sides")
+    diffs = [(sa.mean() - ea.mean()) / sa.mean() - (sb.mean() - eb.mean()) / sb.mean() for ea, eb in zip(pa["end"], pb["end"])]
+    return {"difference": mean_interval(diffs, seed=seed).to_dict(), "p_seeds": sign_flip_test(diffs, seed=seed),
+            "seeds": len(diffs)}
+
+
 def pareto_front(points: list[dict[str, Any]]) -> list[str]:
     """Keys of the points no other point beats on both learning (higher) and forgetting (lower)."""
     front = []
@@ -388,6 +439,8 @@ def choose(study: Study, grid: list[Setting]) -> tuple[Setting, str, list[dict[s
 def run_study(study: Study, model: MemoryModel) -> dict[str, Any]:
     plan = study.plan
     seed = 0  # of every bootstrap and permutation
+    print("0. the dense twin", flush=True)
+    dense_twin_model = study.pretrain_dense_twin()
     print(f"1. selection on seeds {list(plan.selection_seeds)} ({plan.facts} facts each)", flush=True)
     grid = selection_grid(plan, model.memory_config.value_lr_mult)
     chosen: dict[str, Setting] = {}
@@ -402,6 +455,7 @@ def run_study(study: Study, model: MemoryModel) -> dict[str, Any]:
     print(f"3. report seeds {list(plan.report_seeds)}", flush=True)
     report = plan.report_seeds
     main = {family: study.seed_runs(chosen[family], report) for family in MAIN}
+    dense = {family: study.seed_runs(chosen[family], report) for family in DENSE}
     sparse = chosen["sparse"]
     c1 = {bg: [replace(sparse, lr=lr, background=bg) for lr in plan.sparse_lrs] for bg in ("pretraining", *BACKGROUND_MIXTURES)}
     c7 = {family: replace(chosen[family], composition="statements") for family in ("sparse", "full", "lora")}
@@ -412,12 +466,12 @@ def run_study(study: Study, model: MemoryModel) -> dict[str, Any]:
     for s in (*c7.values(), *rules.values()):
         study.run(s, report)
 
-    reach = min(float(r.curve["stream_em"].max()) for runs in main.values() for r in runs)
+    reach = min(float(r.curve["stream_em"].max()) for runs in (*main.values(), *dense.values()) for r in runs)
     level = reach if reach > 0 else None
     matched: dict[str, Any] = {"level": level}
     if level is not None:
-        matched["forgetting"] = {f: forgetting_at(runs, level, seed) for f, runs in main.items()}
-        matched["area"] = {f: area_under(runs, level, seed) for f, runs in main.items()}
+        matched["forgetting"] = {f: forgetting_at(runs, level, seed) for f, runs in (main | dense).items()}
+        matched["area"] = {f: area_under(runs, level, seed) for f, runs in (main | dense).items()}
         start = start_scores([r for runs in main.values() for r in runs])
         sparse_end = at_level(main["sparse"], level)["end"]
         matched["paired"] = {}
@@ -425,9 +479,10 @@ def run_study(study: Study, model: MemoryModel) -> dict[str, Any]:
             other = at_level(main[f], level)["end"]
             matched["paired"][f] = {"difference": drop_difference(start, sparse_end, other, seed=seed).to_dict(),
                                     **drop_difference_test(start, sparse_end, other, seed=seed)}
+        matched["dense_paired"] = {f: per_seed_comparison(main["sparse"], runs, level, seed) for f, runs in dense.items()}
         rule_runs = {"tf-idf": main["sparse"], **{r: study.seed_runs(s, report) for r, s in rules.items()}}
         matched["rules"] = {r: forgetting_at(runs, level, seed) for r, runs in rule_runs.items()}
-    steps = {f: equal_steps(runs, seed) for f, runs in main.items()}
+    steps = {f: equal_steps(runs, seed) for f, runs in (main | dense).items()}
 
     def end_row(setting: Setting) -> dict[str, Any]:
         runs = study.seed_runs(setting, report)
@@ -441,12 +496,13 @@ def run_study(study: Study, model: MemoryModel) -> dict[str, Any]:
     sparse_runs = [r for settings in c1.values() for s in settings for r in study.seed_runs(s, report)]
     shares = np.array([x for r in sparse_runs for x in r.zero_score_share])
     return {
+        "dense_twin": dense_twin_model,
         "chosen": {f: s.key for f, s in chosen.items()},
         "selection": selection,
         "backgrounds": backgrounds,
         "matched": matched,
         "equal_steps": steps,
-        "main_end": {f: end_row(chosen[f]) for f in MAIN},
+        "main_end": {f: end_row(chosen[f]) for f in (*MAIN, *DENSE)},
         "c1_backgrounds": {bg: [end_row(s) for s in settings] for bg, settings in c1.items()},
         "c7_statements": {f: end_row(s) for f, s in c7.items()},
         "rules_end": {r: end_row(s) for r, s in rules.items()},
@@ -497,7 +553,7 @@ def markdown(doc: dict[str, Any]) -> str:
                   "question. The area is the mean known-fact drop over the learning levels up to that one.", "",
                   "| setting | step reached | known-fact drop | Δ held-out NLL | area (mean drop over levels) |",
                   "|---|---|---|---|---|"]
-        for f in MAIN:
+        for f in (*MAIN, *DENSE):
             m = st["matched"]["forgetting"][f]
             lines.append(f"| {LABEL[f]}: `{st['chosen'][f]}` | {m['step']:.0f} | {iv(m['known_drop'], pct=True)} | "
                          f"{iv(m['nll_change'], sign=True)} | {iv(st['matched']['area'][f], pct=True)} |")
@@ -508,16 +564,20 @@ def markdown(doc: dict[str, Any]) -> str:
                   "| baseline | difference | p (seeds) | p (questions) |", "|---|---|---|---|"]
         for f, p in st["matched"]["paired"].items():
             lines.append(f"| {LABEL[f]} | {iv(p['difference'], pct=True, sign=True)} | {p['p_seeds']:.3g} | {p['p_questions']:.3g} |")
+        for f, p in st["matched"]["dense_paired"].items():  # other model: seeds pair, questions do not
+            lines.append(f"| {LABEL[f]} | " + ("— | — | — |" if p is None else
+                                              f"{iv(p['difference'], pct=True, sign=True)} (over seeds) | {p['p_seeds']:.3g} | — |"))
         lines += ["", "### Selection rules at sparse's chosen rate (matched learning)", "",
                   "| rule | step reached | known-fact drop | Δ held-out NLL |", "|---|---|---|---|"]
         for r, m in st["matched"]["rules"].items():
             lines.append(f"| {r} | " + ("— (not reached) | — | — |" if m is None else
                                         f"{m['step']:.0f} | {iv(m['known_drop'], pct=True)} | {iv(m['nll_change'], sign=True)} |"))
+    families = [f for f in (*MAIN, *DENSE) if f in st["equal_steps"]]
     lines += ["", "## Forgetting at equal steps (C2)", "",
-              "| step | " + " | ".join(LABEL[f] for f in MAIN) + " |", "|---|" + "---|" * len(MAIN)]
+              "| step | " + " | ".join(LABEL[f] for f in families) + " |", "|---|" + "---|" * len(families)]
     for i, row in enumerate(st["equal_steps"]["sparse"]):
         cells = [f"{iv(st['equal_steps'][f][i]['known_drop'], pct=True)} (EM {st['equal_steps'][f][i]['stream_em']['estimate']:.3f})"
-                 for f in MAIN]
+                 for f in families]
         lines.append(f"| {row['step']} | " + " | ".join(cells) + " |")
     header = ("| setting | stream EM at the end | known-fact drop at the end | Δ NLL at the end | drop at matched learning |\n"
               "|---|---|---|---|---|")
@@ -527,7 +587,7 @@ def markdown(doc: dict[str, Any]) -> str:
         return (f"| {e['label']} | {iv(e['stream_em'])} | {iv(e['known_drop'], pct=True)} | {iv(e['nll_change'], sign=True)} | "
                 f"{'— (not reached)' if am is None else iv(am['known_drop'], pct=True)} |")
 
-    lines += ["", "## Chosen settings at the end of the stream", "", header, *[row(st["main_end"][f]) for f in MAIN]]
+    lines += ["", "## Chosen settings at the end of the stream", "", header, *[row(e) for e in st["main_end"].values()]]
     lines += ["", "## C1: the background (sparse at every rate of its grid)", "",
               "The model's own background is its pretraining mixture, which holds the known facts' documents. "
               "The controls count corpus text only, and the pretraining mixture without the known people's "
@@ -540,8 +600,13 @@ def markdown(doc: dict[str, Any]) -> str:
     lines += ["", "## C10: TF-IDF picks scored 0", "",
               f"Over {z['steps']} steps of {z['runs']} sparse runs, {z['mean']:.2%} of the top-t picks scored 0 "
               f"(max {z['max']:.2%} in one step; {z['steps_with_any']:.0%} of steps had any). A pick scored 0 is a "
-              "slot read in every background batch, so its place among the top-t goes by slot id.", "",
-              "Not yet in this study: the dense twin (C5′).", ""]
+              "slot read in every background batch, so its place among the top-t goes by slot id.", ""]
+    tw = st["dense_twin"]
+    lines += ["## C5′: the dense twin", "",
+              f"`{tw['model_dir']}` (model `{tw['hash']}`): the memory model's pretraining recipe with no memory and "
+              f"every FFN {tw['config']['model']['intermediate_size']} wide, so that a token uses as many parameters "
+              f"as in the memory model; {tw['parameters']:,} parameters in all. Its full finetuning and LoRA rows are "
+              "in the tables above; each drop is relative to the dense model's own start.", ""]
     return "\n".join(lines)
 
 
@@ -553,7 +618,7 @@ def figures(doc: dict[str, Any], out: Path) -> None:
 
     st = doc["study"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for f in MAIN:
+    for f in st["equal_steps"]:
         rows = st["equal_steps"][f]
         steps = [r["step"] for r in rows]
         for ax, col, scale in ((axes[0], "stream_em", 1), (axes[1], "known_drop", 100)):

@@ -79,6 +79,7 @@ class AccessRecorder:
         on_batch: Callable[[RecordedBatch], None] | None = None,
         keep: bool = True,
     ) -> None:
+        model.require_memory("recording memory reads")
         available = list(model.memory_layers)
         if layers is not None and not len(layers):
             raise ConfigError(f"layers is empty: name the memory layers to record (the model's are {available})")

@@ -76,9 +76,20 @@ QUICK = ["--quick", "--facts", "2", "--steps-per-fact", "2", "--batch-size", "4"
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    from micro_workspace import build_micro_workspace
+    """A micro workspace whose model was pretrained in it (briefly), so that its dense twin has a recipe."""
+    import torch
 
-    return build_micro_workspace(tmp_path_factory.mktemp("controls") / "ws", stats_batches=10, trace=False, runs=(), n_new=6)
+    from smviz.data.world import WorldConfig
+    from smviz.train.recipes import recipe
+    from smviz.workspace import Workspace
+    from smviz.workspace.stages import background_stats, build_data, run_pretraining
+
+    ws = Workspace(tmp_path_factory.mktemp("controls") / "ws")
+    build_data(ws.data, WorldConfig(n_known=4, n_bio_only=1, n_new=6))
+    run_pretraining(ws, "micro", recipe("micro", steps=10, checkpoint_every=10, log_every=5, usage_rows=2), device=torch.device("cpu"),
+                    progress=False)
+    background_stats(ws, ws.model("micro"), n_batches=10, batch_size=8, seq_len=64, progress=False)
+    return ws
 
 
 def _study(ws, out, runs, *extra):
@@ -105,7 +116,21 @@ def test_quick_study_runs_every_control_and_resumes_to_the_same_numbers(ws, tmp_
     assert len(selected) == 2 and len(reported) == 4 and not selected & reported
     # every family's grid ran on the selection seed; the baselines' variants are what they say
     assert {f: s["settings"] for f, s in st["selection"].items()} == {
-        "sparse": 1, "full": 1, "full-values": 1, "full-frozen-memory": 1, "lora": 1, "lora-memory": 1}
+        "sparse": 1, "full": 1, "full-values": 1, "full-frozen-memory": 1, "lora": 1, "lora-memory": 1,
+        "dense-full": 1, "dense-lora": 1}
+    # C5′: the dense twin, pretrained with the model's recipe but no memory, is what its families finetuned
+    from smviz.model import MemoryModel
+    from smviz.train.recipes import active_parameters
+
+    twin = MemoryModel.from_pretrained(ws.model("micro-dense"))
+    assert not twin.memory_layers and twin.model_hash == st["dense_twin"]["hash"]
+    memory_model = MemoryModel.from_pretrained(ws.model("micro"))
+    per_width = 3 * twin.lm.config.hidden_size * twin.lm.config.num_hidden_layers
+    assert abs(st["dense_twin"]["parameters"] - active_parameters(memory_model)) <= per_width / 2
+    for family in ("dense-full", "dense-lora"):
+        assert identity(st["chosen"][family], 0)["base_model_hash"] == twin.model_hash
+    assert identity(st["chosen"]["full"], 0)["base_model_hash"] == memory_model.model_hash
+    assert {"dense-full", "dense-lora"} <= set(st["equal_steps"]) & set(st["main_end"])
     full_values = identity(st["chosen"]["full-values"], 0)["config"]
     assert full_values["method"] == "full" and full_values["value_lr_mult"] == doc["model"]["memory"]["value_lr_mult"]
     assert identity(st["chosen"]["full-frozen-memory"], 0)["config"]["freeze_memory"] is True
@@ -134,7 +159,7 @@ def test_quick_study_runs_every_control_and_resumes_to_the_same_numbers(ws, tmp_
     assert st["c10_zero_score_share"]["mean"] == pytest.approx(np.mean(shares)) and st["c10_zero_score_share"]["steps"] == len(shares)
     md = (tmp_path / "out" / "headline_controls.md").read_text()
     for heading in ("## Settings chosen on the selection seeds", "## Forgetting at equal steps (C2)", "## C1: the background",
-                    "## C7: statements only", "## C10: TF-IDF picks scored 0"):
+                    "## C7: statements only", "## C10: TF-IDF picks scored 0", "## C5′: the dense twin"):
         assert heading in md
     for name in ("headline_controls_steps.png", "headline_controls_pareto.png"):
         assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -563,9 +563,19 @@ def test_layer_index_out_of_range(layers):
         MemoryModel.from_preset("micro", layers=layers)
 
 
-def test_empty_layers():
-    with pytest.raises(ConfigError, match="layers"):
-        MemoryModel(tiny_llama(), mem_cfg(layers=()))
+def test_empty_layers_make_a_dense_model_that_is_the_lm():
+    lm = tiny_llama()
+    ids = torch.randint(0, lm.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        reference = lm(input_ids=ids).logits
+    dense = MemoryModel(lm, mem_cfg(layers=()))
+    assert not dense.memory_layers and dense.values == {}
+    with torch.no_grad():
+        assert torch.equal(dense(input_ids=ids).logits, reference)
+        with dense.memory_off():  # nothing to turn off
+            assert torch.equal(dense(input_ids=ids).logits, reference)
+    with pytest.raises(ConfigError, match="no memory layers \\(a dense model\\), and slot statistics needs one"):
+        dense.require_memory("slot statistics")
 
 
 def test_tiny_preset_declared_shape():

@@ -177,3 +177,44 @@ def test_every_config_field_has_help():
 
     for cls in (PretrainConfig, FinetuneConfig):
         assert all(f.help for f in field_help(cls)), cls
+
+
+def test_dense_twin_uses_as_many_parameters_per_token_and_pretrains(tmp_path, setting):
+    from smviz.model import MemoryModel
+    from smviz.record import AccessRecorder
+    from smviz.train.recipes import active_parameters, dense_twin
+
+    tokenizer, stream, heldout = setting
+    config = micro_config(steps=6, checkpoint_every=6, memory={"value_lr_mult": 10})
+    memory = MemoryModel.from_preset("micro", vocab_size=len(tokenizer))
+    c = memory.memory_config
+    # by hand: every parameter, but of the value table only the rows a token reads (heads × knn of them)
+    by_name = {n: p.numel() for n, p in memory.named_parameters()}
+    values = [n for n in by_name if n.endswith("values.weight")]
+    assert len(values) == 1
+    active = sum(by_name.values()) - by_name[values[0]] + c.heads * c.knn * (c.v_dim or memory.lm.config.hidden_size)
+    assert active_parameters(memory) == active
+    twin = dense_twin(config, len(tokenizer))
+    assert twin.memory == {"layers": []} and twin.steps == config.steps and twin.lr == config.lr
+    width = twin.model["intermediate_size"]
+    dense = MemoryModel.from_preset("micro", vocab_size=len(tokenizer), hf_overrides=twin.model, layers=[])
+    assert not dense.memory_layers and dense.lm.config.intermediate_size == width
+    per_width = 3 * memory.lm.config.hidden_size * memory.lm.config.num_hidden_layers  # gate, up, down per block
+    assert abs(sum(p.numel() for p in dense.parameters()) - active) <= per_width / 2  # the nearest width
+    # it pretrains, and what needs a memory says the model has none
+    model = pretrain(tmp_path / "dense", twin, tokenizer=tokenizer, stream=stream, usage_rows=heldout[:4], progress=False)
+    assert not model.memory_layers and heldout_nll(model, heldout)["nll"] > 0
+    with pytest.raises(ConfigError, match="no memory layers \\(a dense model\\), and recording memory reads needs one"):
+        AccessRecorder(model)
+    with pytest.raises(ConfigError, match="dense already"):
+        dense_twin(twin, len(tokenizer))
+    from smviz.train.finetune import FinetuneConfig, check_inputs
+
+    model.save_pretrained(tmp_path / "dense-model")
+    saved = MemoryModel.from_pretrained(tmp_path / "dense-model")
+    check_inputs(saved, FinetuneConfig(method="full", optimizer="adamw"), None)  # dense baselines run
+    check_inputs(saved, FinetuneConfig(method="lora", optimizer="adamw"), None)
+    with pytest.raises(ConfigError, match="and sparse finetuning needs one"):
+        check_inputs(saved, FinetuneConfig(method="sparse"), None)
+    with pytest.raises(ConfigError, match="and full finetuning with freeze_memory or value_lr_mult needs one"):
+        check_inputs(saved, FinetuneConfig(method="full", optimizer="adamw", freeze_memory=True), None)

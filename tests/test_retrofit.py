@@ -24,6 +24,7 @@ from smviz.data.corpus import Article
 from smviz.evaluate.probe import answering_model
 from smviz.model import MemoryModel, import_model, load_base_model, model_dir_hash, preset
 from smviz.train.data import world_documents
+from smviz.train.distill import distillation_loss
 from smviz.train.pretrain import RetrofitConfig, build_model
 from smviz.train.rundir import PretrainRunDir
 from smviz.workspace import Workspace
@@ -282,6 +283,54 @@ def test_replay_trains_on_the_base_models_own_answers(ws, talkative):
     before = path.stat().st_mtime_ns
     run_retrofit(ws, "replay", cfg, device=CPU, progress=False)
     assert path.stat().st_mtime_ns == before
+
+
+def test_distillation_loss_is_world_cross_entropy_plus_weighted_kl_from_the_base(ws, trained):
+    data = load_data(ws.data)
+    cfg = config(ws, batch_size=6, fact_share=0.5)
+    stream = make_stream(data, trained.tokenizer, cfg)
+    batch, n_world = stream.batch(3), stream.world_rows()
+    assert n_world == 3
+    base, _, _ = load_base_model(ws.model("base"))
+    trained.eval()
+    with torch.no_grad():
+        logits = trained(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        teacher = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = distillation_loss(trained, batch, logits, n_world, weight=0.7).item()
+    # the reference, token by token: cross-entropy on world rows, 0.7 × KL(base || model) on the rest
+    terms = []
+    for row in range(len(batch["input_ids"])):
+        for t in range(batch["input_ids"].shape[1] - 1):
+            label = batch["labels"][row, t + 1].item()
+            if label == -100:
+                continue
+            log_q = logits[row, t].log_softmax(-1)
+            if row < n_world:
+                terms.append(torch.nn.functional.cross_entropy(logits[row, t][None], torch.tensor([label])).item())
+            else:
+                log_p = teacher[row, t].log_softmax(-1)
+                kl = torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="sum").item()
+                terms.append(0.7 * kl)
+    assert loss == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+    # a silent memory is the base: nothing to distil
+    start = build_model(cfg, None).eval()
+    with torch.no_grad():
+        fresh = start(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        assert distillation_loss(start, batch, fresh, 0, weight=1.0).item() == pytest.approx(0.0, abs=1e-6)
+    # a distilling retrofit trains only the memory, and its logged loss is this loss
+    model = run_retrofit(ws, "distil", config(ws, steps=2, eval_every=0, checkpoint_every=2, log_every=1, distill=1.0),
+                         device=CPU, progress=False)
+    for name, tensor in base_state(ws).items():
+        assert torch.equal(lm_state_without_memory(model)[name], tensor), name
+    assert not torch.equal(model.values[1], start.values[1])
+    logged = [r["loss"] for r in PretrainRunDir(ws.pretrain_run("distil")).metrics() if "loss" in r]
+    assert len(logged) == 2 and logged[0] > 0
+    with pytest.raises(ConfigError, match="distill needs the base frozen"):
+        RetrofitConfig(base="b", distill=1.0, dense_lr_mult=0.1)
+    with pytest.raises(ConfigError, match="distill must be >= 0"):
+        RetrofitConfig(base="b", distill=-1.0)
+    with pytest.raises(ConfigError, match="fact_share 1 leaves a batch none"):
+        RetrofitConfig(base="b", distill=1.0, fact_share=1.0)
 
 
 # --------------------------------------------------------------------------- command line and bad input

@@ -79,8 +79,6 @@ class MemoryModel(nn.Module):
         arch = architecture_of(lm.config)
         blocks = module_at(lm, arch.blocks)
         n_blocks = len(blocks)
-        if not memory_config.layers:
-            raise ConfigError("MemoryConfig.layers is empty: name the block indices that get a memory layer")
         bad = [i for i in memory_config.layers if i >= n_blocks]
         if bad:
             raise ConfigError(f"memory layer index {bad} out of range: the model has {n_blocks} blocks (0..{n_blocks - 1})")
@@ -149,12 +147,17 @@ class MemoryModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.lm(*args, **kwargs)
-        aux = [m.aux_loss for m in self._memory_layers.values() if m.aux_loss is not None]
-        if self.training and aux and getattr(out, "loss", None) is not None:
-            aux_loss = torch.stack(aux).mean()
+        aux_loss = self.aux_loss()
+        if self.training and aux_loss is not None and getattr(out, "loss", None) is not None:
             out["memory_aux_loss"] = aux_loss.detach()
             out["loss"] = out.loss + self.memory_config.balance_weight * aux_loss
         return out
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """The usage-balancing loss of the last forward pass (mean over memory layers, before
+        `balance_weight`), or None when it is off; a loss computed outside `forward` adds it itself."""
+        aux = [m.aux_loss for m in self._memory_layers.values() if m.aux_loss is not None]
+        return torch.stack(aux).mean() if aux else None
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.lm.generate(*args, **kwargs)
@@ -199,6 +202,12 @@ class MemoryModel(nn.Module):
                 "tokenizer with it, or set model.tokenizer and save the model again"
             )
         return self.tokenizer
+
+    def require_memory(self, purpose: str) -> None:
+        """A ConfigError saying that `purpose` needs memory layers, if the model has none (a dense model,
+        e.g. the dense twin a baseline is compared on: MemoryConfig.layers empty)."""
+        if not self._memory_layers:
+            raise ConfigError(f"the model has no memory layers (a dense model), and {purpose} needs one")
 
     @property
     def values(self) -> dict[int, nn.Parameter]:

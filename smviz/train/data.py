@@ -117,10 +117,13 @@ class PretrainStream:
         if self.fact_share < 1 and len(self.corpus_rows) == 0:
             raise SmvizError("fact_share < 1 but the corpus is empty")
 
+    def world_rows(self, fact_share: float | None = None) -> int:
+        """How many of a batch's rows are world rows: they come first, then corpus rows, then replay rows."""
+        return round(self.batch_size * (self.fact_share if fact_share is None else fact_share))
+
     def batch(self, step: int, fact_share: float | None = None) -> dict[str, torch.Tensor]:
-        share = self.fact_share if fact_share is None else fact_share
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        n_world = round(self.batch_size * share)
+        n_world = self.world_rows(fact_share)
         n_replay = min(round(self.batch_size * self.replay_share), self.batch_size - n_world)
         n_corpus = self.batch_size - n_world - n_replay
         w = torch.randint(len(self.world_ids), (n_world,), generator=g) if n_world else torch.empty(0, dtype=torch.long)

@@ -17,7 +17,9 @@ train at `dense_lr_mult` × lr (also without a dense phase; 0 freezes them, leav
 A retrofit (`RetrofitConfig`) starts from a base model directory (`smviz import`): the model is
 `MemoryModel.attach(base LM, MemoryConfig)` (parallel mode unless `memory` says otherwise, so it starts
 as the base exactly), its memory initialised from `seed`, and the base is frozen (its parameters take no
-gradient and have no optimizer state) unless `dense_lr_mult` > 0 unfreezes it at that multiplier.
+gradient and have no optimizer state) unless `dense_lr_mult` > 0 unfreezes it at that multiplier. With
+`distill` > 0 the rows that are not the world's (corpus and replay) are trained to keep the base's whole
+next-token distribution (`distillation_loss`) rather than to predict their text.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from smviz.evaluate import memory_usage
 from smviz.memory import MemoryConfig
 from smviz.model import MemoryModel, architecture_of, load_base_model, module_at, preset
 from smviz.train.data import PretrainStream
+from smviz.train.distill import check_distill, distillation_loss
 from smviz.train.rundir import PretrainRunDir
 from smviz.train.state import flatten_optimizer, load_optimizer
 from smviz.usage import UsageMonitor
@@ -171,6 +174,14 @@ class RetrofitConfig(PretrainConfig):
         metadata={"help": "share of each batch's rows drawn from the replay, beside fact_share's world rows (0: the "
                           "replay documents join the world's pool and share its fact_share)"},
     )
+    distill: float = field(
+        default=0.0,
+        metadata={"help": "weight of distillation on the batch's rows that are not world rows (corpus and replay): "
+                          "there the loss is the KL divergence from the base's whole next-token distribution (a "
+                          "second, memory-off forward pass, no gradient) times this weight, instead of the text's "
+                          "cross-entropy, so the memory learns to leave the base's predictions alone off the world "
+                          "(0: cross-entropy on every row; needs the base frozen)"},
+    )
 
     def _check_model_source(self) -> None:
         if self.replay < 0:
@@ -180,6 +191,7 @@ class RetrofitConfig(PretrainConfig):
         if not (0 <= self.replay_share and self.fact_share + self.replay_share <= 1 + 1e-9):
             raise ConfigError(f"replay_share must lie in [0, 1 - fact_share], got {self.replay_share} "
                               f"(fact_share {self.fact_share})")
+        check_distill(self.distill, self.dense_lr_mult, self.fact_share)
         if not self.base:
             raise ConfigError("RetrofitConfig.base must name a base model directory (written by smviz import)")
         if self.preset or self.model:
@@ -305,10 +317,16 @@ def pretrain(
             _set_lrs(optimizer, step, config)
             if dense_phase:
                 with model.memory_off():
-                    out = model(**batch)
+                    loss = model(**batch).loss
+            elif getattr(config, "distill", 0):  # the loss is computed here, not by the model
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                aux = model.aux_loss()  # read before the teacher's pass, which runs the model again
+                loss = distillation_loss(model, batch, logits, stream.world_rows(), config.distill)
+                if aux is not None:
+                    loss = loss + model.memory_config.balance_weight * aux
             else:
-                out = model(**batch)
-            out.loss.backward()
+                loss = model(**batch).loss
+            loss.backward()
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
@@ -319,7 +337,7 @@ def pretrain(
             if done % config.log_every == 0 or done == config.steps:
                 elapsed = time.perf_counter() - window_start
                 usage = {str(i): round(m["used_share"], 4) for i, m in train_usage.metrics().items()}
-                record = {"step": done, "loss": out.loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                record = {"step": done, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
                           "tokens_per_s": window_tokens / elapsed, "train_usage": usage, "dense_phase": dense_phase}
                 run.append_metrics(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",

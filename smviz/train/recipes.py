@@ -1,12 +1,16 @@
 """The committed recipes: how the built-in models are pretrained (`RECIPES`, `recipe`) and how a memory
 is retrofitted into an imported model so that it holds the world's facts (`RETROFIT_RECIPES`,
-`retrofit_recipe`; analyses/memory_usage.md and analyses/retrofit.md say how each was found)."""
+`retrofit_recipe`; analyses/memory_usage.md and analyses/retrofit.md say how each was found), and the
+dense twin of a memory model's recipe (`dense_twin`: no memory, FFNs as wide as makes a token use as many
+parameters), the dense baseline a reviewer asks for."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from smviz.errors import ConfigError
+from smviz.model import MemoryModel
 from smviz.train.pretrain import PretrainConfig, RetrofitConfig
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -40,6 +44,38 @@ def retrofit_recipe(name: str, base: str, **overrides: Any) -> RetrofitConfig:
         raise ConfigError(f"no retrofit recipe {name!r}; recipes exist for {sorted(RETROFIT_RECIPES)}")
     config = RETROFIT_RECIPES[name]["config"] | {"base": base}
     return RetrofitConfig.from_dict(config | {k: v for k, v in overrides.items() if v is not None})
+
+
+def active_parameters(model: MemoryModel) -> int:
+    """Parameters one token's forward pass uses: all of the model's, except that of each value table only
+    the heads × knn rows a token reads count (queries, keys and projections are all used)."""
+    total = sum(p.numel() for p in model.parameters())
+    c = model.memory_config
+    tables = {id(v): v for v in model.values.values()}.values()
+    return total - sum(v.numel() for v in tables) + sum(c.heads * c.knn * v.shape[1] for v in model.values.values())
+
+
+def dense_twin(config: PretrainConfig, vocab_size: int) -> PretrainConfig:
+    """The pretraining `config` of a memory model (a preset's, with its tokenizer's `vocab_size`) for its
+    dense twin: the same recipe with no memory layers and every block's FFN widened to the width at which
+    a token's forward pass uses as many parameters as it does in the memory model (`active_parameters`).
+    It is the nearest honest match that pretrains in the same time: a twin of equal total parameters
+    would need FFNs about 30 times wider (the tiny model's 16.8M value parameters)."""
+    if isinstance(config, RetrofitConfig):
+        raise ConfigError("a retrofit has no dense twin here: its base model is the dense model")
+    memory = MemoryModel.from_preset(config.preset, vocab_size=vocab_size, hf_overrides=config.model, **config.memory)
+    if not memory.memory_layers:
+        raise ConfigError("the config's model has no memory layers: it is dense already")
+    target = active_parameters(memory)
+
+    def dense_total(width: int) -> int:
+        model = MemoryModel.from_preset(config.preset, vocab_size=vocab_size,
+                                        hf_overrides=config.model | {"intermediate_size": width}, layers=[])
+        return sum(p.numel() for p in model.parameters())
+
+    fixed, per_width = dense_total(1), dense_total(2) - dense_total(1)  # the total is linear in the width
+    width = max(1, round((target - fixed + per_width) / per_width))
+    return dataclasses.replace(config, memory={"layers": []}, model=config.model | {"intermediate_size": width})
 
 
 def recipe(preset_name: str, **overrides: Any) -> PretrainConfig:

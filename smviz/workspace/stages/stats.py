@@ -96,6 +96,7 @@ def background_stats(
     out = stats_path(model_dir, out)
 
     model = MemoryModel.from_pretrained(model_dir, device=torch.device(device))
+    model.require_memory("slot statistics")
     if model.tokenizer is None:
         raise StatsError(f"{model_dir} holds no tokenizer; background batches need the model's tokenizer")
     config = pretrain_config_of(ws, model_dir.name)
