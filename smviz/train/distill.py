@@ -22,17 +22,14 @@ def distillation_loss(model: MemoryModel, batch: dict[str, torch.Tensor], logits
     labels = batch["labels"][:, 1:]
     student = logits[:, :-1].float().log_softmax(-1)
     labelled = labels != IGNORE_INDEX
-    world, rest = labelled.clone(), labelled.clone()
-    world[n_world:] = False
-    rest[:n_world] = False
     ce = -student[:n_world].gather(-1, labels[:n_world].clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    total = (ce * world[:n_world]).sum()
+    total = (ce * labelled[:n_world]).sum()
     if n_world < len(labels):
         with torch.no_grad(), model.memory_off():
             teacher = model(input_ids=batch["input_ids"][n_world:], attention_mask=batch["attention_mask"][n_world:]
                             ).logits[:, :-1].float().log_softmax(-1)
         kl = (teacher.exp() * (teacher - student[n_world:])).sum(-1)
-        total = total + weight * (kl * rest[n_world:]).sum()
+        total = total + weight * (kl * labelled[n_world:]).sum()
     return total / labelled.sum().clamp_min(1)
 
 

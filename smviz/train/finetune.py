@@ -157,9 +157,10 @@ def check_inputs(model: MemoryModel, config: FinetuneConfig, stats: SlotStats | 
     if model.model_hash is None:
         raise RunError("finetune a saved model (load it with MemoryModel.from_pretrained): runs name the model hash they started from")
     spec = config.spec
-    if config.sparse or spec.uses_top_t or spec.needs_stats or config.freeze_memory or config.value_lr_mult != 1:
-        model.require_memory(f"{config.method} finetuning" if config.sparse or spec.uses_top_t or spec.needs_stats
-                             else "full finetuning with freeze_memory or value_lr_mult")
+    if config.sparse or spec.uses_top_t or spec.needs_stats:
+        model.require_memory(f"{config.method} finetuning")
+    if config.freeze_memory or config.value_lr_mult != 1:
+        model.require_memory("full finetuning with freeze_memory or value_lr_mult")
     n_slots = model.memory_config.n_slots
     if spec.uses_top_t and config.top_t > n_slots:
         raise ConfigError(f"top_t={config.top_t} is larger than the memory ({n_slots} slots)")

@@ -73,8 +73,8 @@ def dense_twin(config: PretrainConfig, vocab_size: int) -> PretrainConfig:
                                         hf_overrides=config.model | {"intermediate_size": width}, layers=[])
         return sum(p.numel() for p in model.parameters())
 
-    fixed, per_width = dense_total(1), dense_total(2) - dense_total(1)  # the total is linear in the width
-    width = max(1, round((target - fixed + per_width) / per_width))
+    one, two = dense_total(1), dense_total(2)  # the total is linear in the width
+    width = max(1, 1 + round((target - one) / (two - one)))
     return dataclasses.replace(config, memory={"layers": []}, model=config.model | {"intermediate_size": width})
 
 
