@@ -7,7 +7,9 @@ Mechanism: an access hook (which runs after the lookup, before the values are re
 weights of the ablated slots to 0 in place, so their value rows add nothing to the bag; the other
 slots keep their weights (no renormalisation: exactly the ablated rows' terms are removed). The
 weights tensor is the one the bag reads, so no change to the layer is needed; in-place edits of a
-tensor autograd saved would break backward, so ablation runs without gradients.
+tensor autograd saved would break backward, so ablation runs without gradients. With
+`renormalise=True` the slots are instead *dropped from the top-k*: each head's remaining weights are
+rescaled to sum to 1 (`drop_reads`, which `smviz.analysis.steer` reuses).
 """
 
 from __future__ import annotations
@@ -53,12 +55,26 @@ def resolve_slots(model: MemoryModel, slots: Slots, layer: int | None = None) ->
     return out
 
 
+def drop_reads(indices: torch.Tensor, weights: torch.Tensor, slots: torch.Tensor, *, renormalise: bool = False) -> None:
+    """In place: the read weights of `slots` (1-D ids, on the reads' device) set to 0 wherever read;
+    with `renormalise`, each head's remaining weights are then rescaled to sum to 1 (a head whose
+    every read was dropped keeps all-zero weights: it adds nothing). indices, weights: (..., K)."""
+    if weights.requires_grad:
+        raise ConfigError("slot ablation and steering edit the read weights in place: run the model under torch.no_grad()")
+    weights.masked_fill_(torch.isin(indices, slots), 0)
+    if renormalise:
+        total = weights.sum(-1, keepdim=True)
+        weights.copy_(torch.where(total > 0, weights / total.clamp_min(torch.finfo(weights.dtype).tiny), weights))
+
+
 @contextmanager
-def ablated(model: MemoryModel, slots: Slots, *, layer: int | None = None) -> Iterator[dict[int, torch.Tensor]]:
+def ablated(model: MemoryModel, slots: Slots, *, layer: int | None = None,
+            renormalise: bool = False) -> Iterator[dict[int, torch.Tensor]]:
     """Inside the block, the given slots contribute nothing to the forward pass (their read weights are
-    zeroed after the lookup); weights are untouched and the hooks are removed on exit. Forward passes
-    must run without gradients (`torch.no_grad()`). An empty set changes nothing. Yields the resolved
-    {block: slots}."""
+    zeroed after the lookup; with `renormalise`, each head's other weights are rescaled to sum to 1, as
+    if the slots were dropped from the top-k); weights are untouched and the hooks are removed on
+    exit. Forward passes must run without gradients (`torch.no_grad()`). An empty set changes
+    nothing. Yields the resolved {block: slots}."""
     resolved = resolve_slots(model, slots, layer)
     with ExitStack() as stack:
         for block, ids in resolved.items():
@@ -68,9 +84,7 @@ def ablated(model: MemoryModel, slots: Slots, *, layer: int | None = None) -> It
             ids_dev = ids.to(memory.keys.device)
 
             def zero(_layer, indices, weights, _mask, ids_dev=ids_dev):
-                if weights.requires_grad:
-                    raise ConfigError("slot ablation edits the read weights in place: run the model under torch.no_grad()")
-                weights.masked_fill_(torch.isin(indices, ids_dev), 0)
+                drop_reads(indices, weights, ids_dev, renormalise=renormalise)
 
             stack.callback(memory.add_access_hook(zero).remove)
         yield resolved
@@ -86,26 +100,33 @@ def _questions(facts: Fact | Sequence[Fact], heldout: bool) -> tuple[list[Fact],
     return facts, pairs
 
 
-def _encode(model: MemoryModel, question: str, answer: str) -> tuple[list[int], int]:
-    """Token ids of qa_prompt(question) + ' ' + answer, and where the answer tokens start."""
+def _encode(model: MemoryModel, prompt: str, answer: str) -> tuple[list[int], int]:
+    """Token ids of prompt + ' ' + answer, and where the answer tokens start."""
     tok = model.require_tokenizer("scoring answer log-probabilities")
-    prompt = tok(qa_prompt(question), add_special_tokens=False)["input_ids"]
-    full = tok(f"{qa_prompt(question)} {answer}", add_special_tokens=False)["input_ids"]
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    full = tok(f"{prompt} {answer}", add_special_tokens=False)["input_ids"]
     start = 0
-    while start < min(len(prompt), len(full)) and prompt[start] == full[start]:
+    while start < min(len(prompt_ids), len(full)) and prompt_ids[start] == full[start]:
         start += 1
     return full, max(start, 1)
 
 
 @torch.no_grad()
-def answer_logprob(model: MemoryModel, question: str, answer: str) -> float:
-    """Σ log p(answer token | prompt, earlier answer tokens) for the answer after `qa_prompt(question)`
-    and one space (the training format), in nats; float64 accumulation."""
-    ids, start = _encode(model, question, answer)
+def continuation_logprob(model: MemoryModel, prompt: str, answer: str) -> float:
+    """Σ log p(answer token | prompt, earlier answer tokens) for `answer` after `prompt` and one
+    space, in nats; float64 accumulation. The answer's tokens are those where the encodings of
+    prompt and prompt + ' ' + answer part (no special tokens added)."""
+    ids, start = _encode(model, prompt, answer)
     x = torch.tensor([ids], device=model.device)
     logits = model(input_ids=x).logits[0].double()
     logp = torch.log_softmax(logits[start - 1 : len(ids) - 1], dim=-1)
     return float(logp.gather(1, x[0, start:, None]).sum())
+
+
+def answer_logprob(model: MemoryModel, question: str, answer: str) -> float:
+    """Σ log p(answer token | prompt, earlier answer tokens) for the answer after `qa_prompt(question)`
+    and one space (the training format), in nats; float64 accumulation (`continuation_logprob`)."""
+    return continuation_logprob(model, qa_prompt(question), answer)
 
 
 def _measure(model: MemoryModel, facts: list[Fact], pairs, heldout: bool, max_new_tokens: int) -> tuple[list[float], list[dict]]:
@@ -152,7 +173,7 @@ def accessed_slots(model: MemoryModel, facts: Fact | Sequence[Fact], *, layer: i
     seen = []
     with AccessRecorder(model, [layer]) as rec:
         for f, q in pairs:
-            ids, _ = _encode(model, q.text, f.answer)
+            ids, _ = _encode(model, qa_prompt(q.text), f.answer)
             model(input_ids=torch.tensor([ids], device=model.device))
     for b in rec.batches:
         seen.append(b.slots.reshape(-1).astype(np.int64))

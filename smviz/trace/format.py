@@ -31,7 +31,8 @@ if TYPE_CHECKING:
     from smviz.model import MemoryModel
 
 TRACE_FORMAT = "smviz-trace/1"
-INDEX_FORMAT = "smviz-slot-index/1"
+INDEX_FORMAT = "smviz-slot-index/2"
+"""/2 added the `ranks` array; a cache of another format is rebuilt (`SlotIndex.for_trace`)."""
 
 META_FILE = "meta.json"
 PROGRESS_FILE = "progress.json"
@@ -39,7 +40,7 @@ TABLES = ("tokens", "accesses")
 """The two tables; each is a folder of that name holding one Parquet file per shard."""
 INDEX_DIR = "index"
 INDEX_INFO = "index.json"
-INDEX_ARRAYS = ("offsets", "rows", "weights", "heads")
+INDEX_ARRAYS = ("offsets", "rows", "weights", "heads", "ranks")
 """The SlotIndex arrays, each cached as INDEX_DIR/<name>.npy."""
 ENTITY_CACHE_DIR = "entities"
 

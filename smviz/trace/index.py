@@ -35,21 +35,24 @@ log = logging.getLogger(__name__)
 
 class SlotIndex:
     """slot → the accesses that read it, as CSR over (layer, slot): the reads of slot s of layer l
-    are entries offsets[k]..offsets[k+1] of `rows` (token rows), `weights` and `heads`, with
-    k = (position of l in the trace's layers) * n_slots + s, in token order. Built with one numpy
-    sort; an on-disk trace caches it in `index/` and memory-maps it."""
+    are entries offsets[k]..offsets[k+1] of `rows` (token rows), `weights`, `heads` and `ranks`
+    (place in the head's top-k, 0 = highest), with k = (position of l in the trace's layers) *
+    n_slots + s, in token order. Built with one numpy sort; an on-disk trace caches it in `index/`
+    and memory-maps it."""
 
-    def __init__(self, trace: Trace, offsets: np.ndarray, rows: np.ndarray, weights: np.ndarray, heads: np.ndarray) -> None:
+    def __init__(self, trace: Trace, offsets: np.ndarray, rows: np.ndarray, weights: np.ndarray, heads: np.ndarray,
+                 ranks: np.ndarray) -> None:
         self.trace = trace
-        self.offsets, self.rows, self.weights, self.heads = offsets, rows, weights, heads
+        self.offsets, self.rows, self.weights, self.heads, self.ranks = offsets, rows, weights, heads, ranks
         self._tokens: dict[str, Any] = {}
         self._access_token: np.ndarray | None = None
+        self._reading_tokens: dict[int, np.ndarray] = {}
 
     @classmethod
     def build(cls, trace: Trace) -> SlotIndex:
         n = trace.n_slots
         layer_pos = {layer: i for i, layer in enumerate(trace.layers)}
-        keys, rows, weights, heads = [], [], [], []
+        keys, rows, weights, heads, ranks = [], [], [], [], []
         for acc in trace.iter_table("accesses"):
             layer = acc.column("layer").to_numpy()
             pos = np.zeros(len(layer), dtype=np.int64)
@@ -59,6 +62,7 @@ class SlotIndex:
             rows.append(acc.column("token").to_numpy())
             weights.append(acc.column("weight").to_numpy())
             heads.append(acc.column("head").to_numpy())
+            ranks.append(acc.column("rank").to_numpy())
         keys_all = np.concatenate(keys) if keys else np.zeros(0, np.int64)
         order = np.argsort(keys_all, kind="stable")
         counts = np.bincount(keys_all, minlength=len(layer_pos) * n)
@@ -67,11 +71,12 @@ class SlotIndex:
         def take(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
             return (np.concatenate(parts) if parts else np.zeros(0, dtype))[order]
 
-        return cls(trace, offsets, take(rows, np.int32), take(weights, np.float16), take(heads, np.int16))
+        return cls(trace, offsets, take(rows, np.int32), take(weights, np.float16), take(heads, np.int16), take(ranks, np.int16))
 
     @classmethod
     def for_trace(cls, trace: Trace) -> SlotIndex:
-        """Load the cached index of an on-disk trace, or build (and cache) it."""
+        """Load the cached index of an on-disk trace, or build (and cache) it. A cache written for
+        other shards or in another INDEX_FORMAT (an older smviz: no `ranks`) is rebuilt."""
         if trace.path is None:
             return cls.build(trace)
         directory = trace.path / INDEX_DIR
@@ -81,11 +86,14 @@ class SlotIndex:
             try:
                 arrays = {name: np.load(directory / index_array_file(name), mmap_mode="r", allow_pickle=False)
                           for name in INDEX_ARRAYS}
-                if len(arrays["offsets"]) == len(trace.layers) * trace.n_slots + 1 and len(arrays["rows"]) == trace.n_accesses:
+                if len(arrays["offsets"]) == len(trace.layers) * trace.n_slots + 1 and all(
+                        len(arrays[name]) == trace.n_accesses for name in INDEX_ARRAYS if name != "offsets"):
                     return cls(trace, **arrays)
             except (OSError, ValueError):
                 pass
             log.warning("the slot index cache in %s is damaged; rebuilding it", directory)
+        elif isinstance(info, dict) and info.get("format") != INDEX_FORMAT:
+            log.info("the slot index cache in %s has format %r, not %r; rebuilding it", directory, info.get("format"), INDEX_FORMAT)
         index = cls.build(trace)
         try:
             with atomic_dir(directory) as tmp:
@@ -103,10 +111,52 @@ class SlotIndex:
         k = self._key(slot, layer)
         return int(self.offsets[k + 1] - self.offsets[k])
 
+    def slot_counts(self, layer: int | None = None) -> np.ndarray:
+        """Reads per slot of memory layer `layer` (int64, length n_slots), from the offsets: no scan of
+        the accesses (`Trace.slot_counts` gives the same numbers from the table)."""
+        n = self.trace.n_slots
+        first = self.trace.layers.index(self.trace.resolve_layer(layer)) * n
+        return np.diff(np.asarray(self.offsets[first : first + n + 1], dtype=np.int64))
+
     def slot_weights(self, slot: int, layer: int | None = None) -> np.ndarray:
         """The weights of every read of `slot` (float32, in token order)."""
-        k = self._key(slot, layer)
-        return np.asarray(self.weights[int(self.offsets[k]) : int(self.offsets[k + 1])], dtype=np.float32)
+        return np.asarray(self.weights[self._span(slot, layer)], dtype=np.float32)
+
+    def slot_ranks(self, slot: int, layer: int | None = None) -> np.ndarray:
+        """The place in its head's top-k (int16, 0 = highest score) of every read of `slot`, in token order."""
+        return np.asarray(self.ranks[self._span(slot, layer)])
+
+    def slot_rows(self, slot: int, layer: int | None = None) -> np.ndarray:
+        """The token row (int32) of every read of `slot`, in token order (a row repeats once per head)."""
+        return np.asarray(self.rows[self._span(slot, layer)])
+
+    def slot_heads(self, slot: int, layer: int | None = None) -> np.ndarray:
+        """The memory head (int16) of every read of `slot`, in token order."""
+        return np.asarray(self.heads[self._span(slot, layer)])
+
+    def readers(self, slot: int, layer: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The tokens that read `slot`: (rows int64 ascending, weight float64 = the sum of the token's
+        reads of the slot over heads, reads int64 = how many heads read it)."""
+        span = self._span(slot, layer)
+        rows, inverse = np.unique(np.asarray(self.rows[span]), return_inverse=True)
+        weight = np.bincount(inverse, weights=np.asarray(self.weights[span], dtype=np.float64), minlength=len(rows))
+        return rows.astype(np.int64), weight, np.bincount(inverse, minlength=len(rows)).astype(np.int64)
+
+    def reading_tokens(self, layer: int | None = None) -> np.ndarray:
+        """Per slot of memory layer `layer` (int64, length n_slots): how many distinct tokens read it
+        (a token reading it in several heads counts once). One pass over the layer's part of the
+        index, cached."""
+        layer = self.trace.resolve_layer(layer)
+        if layer not in self._reading_tokens:
+            n = self.trace.n_slots
+            bounds = np.asarray(self.offsets[self.trace.layers.index(layer) * n :][: n + 1], dtype=np.int64)
+            rows = np.asarray(self.rows[int(bounds[0]) : int(bounds[-1])])
+            new = np.ones(len(rows), dtype=bool)  # a read whose row differs from the one before it in its slot
+            new[1:] = rows[1:] != rows[:-1]
+            sizes = np.diff(bounds)
+            new[(bounds[:-1] - bounds[0])[sizes > 0]] = True
+            self._reading_tokens[layer] = np.bincount(np.repeat(np.arange(n), sizes)[new], minlength=n).astype(np.int64)
+        return self._reading_tokens[layer]
 
     def reads_of_rows(self, rows: np.ndarray, layer: int | None = None) -> pd.DataFrame:
         """Every read by the given token rows (any order): columns row, layer, head, rank, slot, weight.
@@ -128,33 +178,39 @@ class SlotIndex:
 
         Columns: rank (0 = most weight), row, doc, doc_id, position, token (its text), weight (float),
         reads (how many heads read the slot), left / right (context text), window (list of the token
-        texts shown, the accessing token included) and focus (its place in `window`). Ties in weight
-        go to the earlier row."""
+        texts shown, the accessing token included), focus (its place in `window`) and next_token (the
+        text of the following token of the document, '' at its end). Ties in weight go to the earlier row."""
         if n < 1 or window < 0:
             raise TraceError(f"n must be >= 1 and window >= 0, got n={n}, window={window}")
-        k = self._key(slot, layer)
-        a, b = int(self.offsets[k]), int(self.offsets[k + 1])
-        rows = np.asarray(self.rows[a:b])
-        uniq, inverse = np.unique(rows, return_inverse=True)
-        weight = np.bincount(inverse, weights=np.asarray(self.weights[a:b], dtype=np.float64), minlength=len(uniq))
-        reads = np.bincount(inverse, minlength=len(uniq))
-        top = np.lexsort((uniq, -weight))[:n]
+        rows, weight, reads = self.readers(slot, layer)
+        top = np.lexsort((rows, -weight))[:n]
+        df = self.context_rows(rows[top], window)
+        df.insert(0, "rank", np.arange(len(top)))
+        df.insert(6, "weight", weight[top])
+        df.insert(7, "reads", reads[top])
+        return df
+
+    def context_rows(self, rows: np.ndarray, window: int = 8) -> pd.DataFrame:
+        """Context of the given token rows, in the order given: columns row, doc, doc_id, position, token,
+        left, right, window, focus, next_token (as `contexts` describes them)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if window < 0 or (len(rows) and (rows.min() < 0 or rows.max() >= self.trace.n_tokens)):
+            raise TraceError(f"window must be >= 0 and token rows in [0, {self.trace.n_tokens}), got window={window}")
         tok = self.token_columns()
         records = []
-        for rank, i in enumerate(top):
-            row = int(uniq[i])
+        for row in rows.tolist():  # the rows shown, not the slots
             d = int(tok["doc"][row])
+            end = int(tok["doc_start"][d + 1])
             lo = max(row - window, int(tok["doc_start"][d]))
-            hi = min(row + window + 1, int(tok["doc_start"][d + 1]))
+            hi = min(row + window + 1, end)
             texts = tok["text"].slice(lo, hi - lo).to_pylist()
             f = row - lo
             records.append({
-                "rank": rank, "row": row, "doc": d, "doc_id": tok["doc_id"][row].as_py(),
-                "position": int(tok["position"][row]), "token": texts[f], "weight": float(weight[i]),
-                "reads": int(reads[i]), "left": "".join(texts[:f]), "right": "".join(texts[f + 1 :]),
-                "window": texts, "focus": f,
+                "row": row, "doc": d, "doc_id": tok["doc_id"][row].as_py(), "position": int(tok["position"][row]),
+                "token": texts[f], "left": "".join(texts[:f]), "right": "".join(texts[f + 1 :]), "window": texts, "focus": f,
+                "next_token": tok["text"][row + 1].as_py() if row + 1 < end else "",
             })
-        columns = ["rank", "row", "doc", "doc_id", "position", "token", "weight", "reads", "left", "right", "window", "focus"]
+        columns = ["row", "doc", "doc_id", "position", "token", "left", "right", "window", "focus", "next_token"]
         return pd.DataFrame.from_records(records, columns=columns)
 
     def slots_for(self, doc: int | str, start: int, end: int, layer: int | None = None) -> pd.DataFrame:
@@ -206,6 +262,10 @@ class SlotIndex:
         if not (isinstance(slot, (int, np.integer)) and 0 <= slot < self.trace.n_slots):
             raise TraceError(f"slot {slot!r} is out of range: the memory has {self.trace.n_slots:,} slots (0..{self.trace.n_slots - 1})")
         return self.trace.layers.index(layer) * self.trace.n_slots + int(slot)
+
+    def _span(self, slot: int, layer: int | None) -> slice:
+        k = self._key(slot, layer)
+        return slice(int(self.offsets[k]), int(self.offsets[k + 1]))
 
     def _doc_number(self, doc: int | str) -> int:
         n_docs = len(self.token_columns()["doc_start"]) - 1
