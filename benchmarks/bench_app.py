@@ -31,12 +31,32 @@ load, websocket, script run, render), and, in one page, typing a new slot id unt
 
 The JSON (default benchmarks/results/bench_app.json; --quick: bench_app_quick.json) holds every time,
 the goal and whether it passes, the settings, the machine and the load average at start and end.
+
+The Overview (--overview): the first load of app/Home.py and a Slot page render after the first.
+
+    python benchmarks/bench_app.py --overview                      # on a micro workspace built in a temp dir (~2 min)
+    python benchmarks/bench_app.py --overview --workspace WS       # on a workspace of yours (e.g. `smviz demo`'s)
+    python benchmarks/bench_app.py --overview --compare-app DIR    # also another copy of app/ (before/after), interleaved
+
+Every repeat (--repeats, default 3) is a fresh Python process, so imports and Streamlit's caches are
+cold. In it, an empty page runs first under AppTest (Streamlit's own start: its runtime and the
+component scan, which a served app does once at server start), then, timed: the Overview's first run
+(its imports included: torch, transformers, ...), its rerun (cached), the Slot page's first run on the
+workspace's trace (--trace, default the first) and --renders renders after it (the "Slot id" input
+set to the most-read slot, then random read slots, seed 0). A second kind of process imports the
+libraries the pages import (smviz, smviz.figures, the trace, stats, model and run-dir modules, pandas,
+plotly) before the timed run: what the page itself does on its first load. The processes of the two
+kinds (and of --compare-app) are interleaved. Goals: the Overview's first load <= 3 s (median of the
+cold processes) and a Slot page render after the first <= 0.3 s (p95). The JSON (default
+benchmarks/results/bench_app_overview.json) holds every time, medians, the ratios (cold / libraries
+imported; --compare-app: that app / this one), the workspace's size, the machine and the load average.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import math
 import os
 import random
@@ -318,6 +338,220 @@ def section_browser(ws, slots: list[int], tokens: dict[int, str], n_nav: int, di
     return out
 
 
+# --------------------------------------------------------------------------- the Overview (--overview)
+
+OVERVIEW_OUT = ROOT / "results" / "bench_app_overview.json"
+OVERVIEW_GOAL_S = 3.0
+SLOT_RENDER_GOAL_S = 0.3
+PRELOADED = ("pandas", "plotly.express", "smviz", "smviz.figures", "smviz.workspace.layout", "smviz.model",
+             "smviz.trace", "smviz.stats", "smviz.train.rundir")
+"""What a "libraries imported" process imports before the timed run (what the pages import)."""
+
+CHILD = r"""
+import json, os, sys, tempfile, time
+home, slot_page, trace, slots, preload, out_path = json.loads(sys.argv[1])
+out = {}
+t = time.perf_counter()
+from streamlit.testing.v1 import AppTest
+out["streamlit_import_s"] = time.perf_counter() - t
+empty = os.path.join(tempfile.mkdtemp(prefix="bench_app_empty."), "empty.py")
+open(empty, "w").write("import streamlit as st\nst.write('start')\n")
+t = time.perf_counter()
+AppTest.from_file(empty, default_timeout=600).run()
+out["streamlit_start_s"] = time.perf_counter() - t
+if preload:
+    import importlib
+    t = time.perf_counter()
+    for name in preload:
+        importlib.import_module(name)
+    out["preload_s"] = time.perf_counter() - t
+
+def check(at, what):
+    if at.exception:
+        raise SystemExit(f"{what} raised: {[e.value for e in at.exception]}")
+
+at = AppTest.from_file(home, default_timeout=600)
+t = time.perf_counter(); at.run(); out["home_first_s"] = time.perf_counter() - t
+check(at, "the Overview")
+out["home_elements"] = {"dataframes": len(at.dataframe), "charts": len(at.get("plotly_chart"))}
+t = time.perf_counter(); at.run(); out["home_rerun_s"] = time.perf_counter() - t
+if slot_page and trace is not None and slots:
+    page = AppTest.from_file(slot_page, default_timeout=600)
+    page.query_params["trace"] = trace
+    page.query_params["slot"] = str(slots[0])
+    t = time.perf_counter(); page.run(); out["slot_first_s"] = time.perf_counter() - t
+    check(page, "the Slot page")
+    renders = []
+    for s in slots[1:] + slots[:1]:
+        box = [b for b in page.number_input if b.label == "Slot id"]
+        if not box:
+            raise SystemExit(f"no 'Slot id' input on the Slot page: {[b.label for b in page.number_input]}")
+        box[0].set_value(s)
+        t = time.perf_counter(); page.run(); renders.append(time.perf_counter() - t)
+        check(page, f"the Slot page (slot {s})")
+    out["slot_renders_s"] = renders
+json.dump(out, open(out_path, "w"))
+"""
+
+
+def overview_slots(ws, trace: str, n: int) -> list[int]:
+    """The trace's most-read slot, then n - 1 random read slots (seed 0)."""
+    from smviz.trace import Trace
+
+    t = Trace.load(ws.trace(trace), verify=False)
+    counts = t.slot_counts(t.layers[0])
+    read = np.flatnonzero(counts)
+    busiest = int(np.argmax(counts))
+    rest = sorted(set(read.tolist()) - {busiest})
+    return [busiest] + random.Random(0).sample(rest, min(n - 1, len(rest)))
+
+
+def overview_child(app: Path, ws, trace: str | None, slots: list[int], preload: bool) -> dict:
+    """One fresh process: the timings of CHILD for the app in `app` (Home.py, pages/1_Slot.py)."""
+    fd, out_path = tempfile.mkstemp(prefix="bench_app_overview.", suffix=".json")
+    os.close(fd)
+    slot_page = app / "pages" / "1_Slot.py"
+    arg = json.dumps([str(app / "Home.py"), str(slot_page) if slot_page.exists() else None, trace, slots,
+                      list(PRELOADED) if preload else [], out_path])
+    env = dict(os.environ, SMVIZ_WORKSPACE=str(ws.root), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               STREAMLIT_LOGGER_LEVEL="error", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    try:
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", CHILD, arg], env=env, cwd=REPO, capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            raise SystemExit(f"the timed process failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        out = json.loads(Path(out_path).read_text())
+        out["process_s"] = time.perf_counter() - t
+        return out
+    finally:
+        Path(out_path).unlink(missing_ok=True)
+
+
+def workspace_size(ws) -> dict:
+    """How big the measured workspace is: models (weights bytes), traces (accesses), runs."""
+    from smviz.trace import META_FILE
+
+    size = {"models": {}, "traces": {}, "runs": sorted(p.name for p in ws.runs_dir.iterdir()) if ws.runs_dir.is_dir() else []}
+    if ws.models_dir.is_dir():
+        for d in sorted(ws.models_dir.iterdir()):
+            size["models"][d.name] = sum(f.stat().st_size for f in d.glob("*.safetensors"))
+    if ws.traces_dir.is_dir():
+        for d in sorted(ws.traces_dir.iterdir()):
+            if (d / META_FILE).is_file():
+                size["traces"][d.name] = json.loads((d / META_FILE).read_text())["counts"]
+    return size
+
+
+def overview_main(args) -> int:
+    from smviz.workspace import Workspace
+
+    t_start = time.perf_counter()
+    load_start = os.getloadavg()
+    tmp = None
+    if args.workspace is None:
+        sys.path.insert(0, str(REPO / "tests"))
+        from micro_workspace import build_micro_workspace
+
+        tmp = Path(tempfile.mkdtemp(prefix="bench_app_overview."))
+        log(f"building the micro workspace in {tmp / 'ws'} ...")
+        t = time.perf_counter()
+        ws = build_micro_workspace(tmp / "ws")
+        log(f"  built in {time.perf_counter() - t:.0f}s")
+    else:
+        ws = Workspace(args.workspace.resolve())
+    try:
+        traces = sorted(p.name for p in ws.traces_dir.iterdir() if p.is_dir()) if ws.traces_dir.is_dir() else []
+        trace = args.trace or (traces[0] if traces else None)
+        slots = overview_slots(ws, trace, args.renders + 1) if trace else []
+        size = workspace_size(ws)
+        apps = {"app": (REPO / "app").resolve()}
+        if args.compare_app:
+            apps["compare"] = args.compare_app.resolve()
+        kinds = [(a, preload) for a in apps for preload in (False, True)]
+        runs: dict[str, list[dict]] = {f"{a}/{'imported' if p else 'cold'}": [] for a, p in kinds}
+        for r in range(args.repeats):
+            order = list(kinds)
+            random.Random(r).shuffle(order)
+            for a, preload in order:
+                key = f"{a}/{'imported' if preload else 'cold'}"
+                out = overview_child(apps[a], ws, trace, slots, preload)
+                runs[key].append(out)
+                log(f"  [{r + 1}/{args.repeats}] {key}: Overview first load {out['home_first_s']:.2f}s, rerun {out['home_rerun_s']:.3f}s"
+                    + (f"; Slot page first {out['slot_first_s']:.2f}s, render median {statistics.median(out['slot_renders_s']):.3f}s"
+                       if "slot_renders_s" in out else ""))
+    finally:
+        if tmp is not None and not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp is not None:
+            log(f"kept {tmp / 'ws'}")
+
+    def med(key: str, field: str) -> float | None:
+        vals = [o[field] for o in runs[key] if field in o]
+        return float(statistics.median(vals)) if vals else None
+
+    summary: dict = {}
+    for key in runs:
+        renders = [x for o in runs[key] for x in o.get("slot_renders_s", [])]
+        summary[key] = {f: med(key, f) for f in ("streamlit_import_s", "streamlit_start_s", "preload_s", "home_first_s",
+                                               "home_rerun_s", "slot_first_s", "process_s")}
+        summary[key]["slot_render"] = quantiles(renders) if renders else None
+    ratios = {"app_cold_over_imported": summary["app/cold"]["home_first_s"] / summary["app/imported"]["home_first_s"]}
+    if "compare/cold" in summary:
+        ratios["compare_over_app_cold"] = summary["compare/cold"]["home_first_s"] / summary["app/cold"]["home_first_s"]
+        ratios["compare_over_app_imported"] = summary["compare/imported"]["home_first_s"] / summary["app/imported"]["home_first_s"]
+    render = summary["app/cold"]["slot_render"]
+    goals = {
+        "overview_first_load_s": {"goal": OVERVIEW_GOAL_S, "value": summary["app/cold"]["home_first_s"],
+                                  "pass": summary["app/cold"]["home_first_s"] <= OVERVIEW_GOAL_S},
+        "overview_first_load_libraries_imported_s": {"goal": OVERVIEW_GOAL_S, "value": summary["app/imported"]["home_first_s"],
+                                                     "pass": summary["app/imported"]["home_first_s"] <= OVERVIEW_GOAL_S},
+        "slot_render_after_first_p95_s": {"goal": SLOT_RENDER_GOAL_S, "value": render["p95_s"] if render else None,
+                                          "pass": bool(render) and render["p95_s"] <= SLOT_RENDER_GOAL_S},
+    }
+
+    print()
+    print(f"workspace {ws.root}; trace for the Slot page: {trace}; {args.repeats} fresh processes per kind")
+    print(f"{'fresh process (median over repeats)':<44} {'import st':>10} {'st start':>9} {'libs':>7} {'Overview':>9} {'rerun':>7} "
+          f"{'Slot 1st':>9} {'render p50':>11} {'p95':>7}")
+    print("-" * 122)
+    for key, m in summary.items():
+        r = m["slot_render"] or {}
+
+        def f(v, w=8, d=2):
+            return f"{v:>{w}.{d}f}s" if v is not None else f"{'-':>{w + 1}}"
+
+        print(f"{key:<44} {f(m['streamlit_import_s'], 9)} {f(m['streamlit_start_s'])} {f(m['preload_s'], 6)} {f(m['home_first_s'])} "
+              f"{f(m['home_rerun_s'], 6, 3)} {f(m['slot_first_s'])} {f(r.get('median_s'), 10, 3)} {f(r.get('p95_s'), 6, 3)}")
+    print()
+    for name, g in goals.items():
+        value = "-" if g["value"] is None else f"{g['value']:.3f}s"
+        print(f"goal {name} <= {g['goal']:g} s: {value} -> {'pass' if g['pass'] else 'FAIL'}")
+    print("ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    total = time.perf_counter() - t_start
+    peak = print_totals(total, load_start)
+
+    import streamlit
+
+    payload = {
+        "benchmark": "smviz app: the Overview's first load and a Slot page render after the first, fresh processes",
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "machine": machine_record(load_start=load_start, streamlit=streamlit.__version__),
+        "settings": {"workspace": "micro (built)" if args.workspace is None else str(args.workspace), "trace": trace,
+                     "slots": slots, "repeats": args.repeats, "renders": args.renders, "preloaded": list(PRELOADED),
+                     "apps": {k: str(v) for k, v in apps.items()}},
+        "workspace": size,
+        "goals": goals,
+        "summary": summary,
+        "ratios": ratios,
+        "runs": runs,
+        "total_s": total,
+        "peak_rss_mb": peak,
+    }
+    write_result(args.out, payload)
+    log(f"wrote {args.out}")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -336,9 +570,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="work directory (default: a new temporary directory); a trace already in WORKDIR/ws is reused")
     p.add_argument("--keep", action="store_true", help="keep the workspace in the work directory")
     p.add_argument("--out", type=Path, default=None,
-                   help=f"JSON output (default {DEFAULT_OUT.relative_to(REPO)}; --quick: {QUICK_OUT.relative_to(REPO)})")
+                   help=f"JSON output (default {DEFAULT_OUT.relative_to(REPO)}; --quick: {QUICK_OUT.relative_to(REPO)}; "
+                        f"--overview: {OVERVIEW_OUT.relative_to(REPO)})")
+    p.add_argument("--overview", action="store_true", help="time the Overview's first load (app/Home.py) instead, in fresh processes")
+    p.add_argument("--workspace", type=Path, default=None, help="with --overview: the workspace (default: a micro workspace built in a temp dir)")
+    p.add_argument("--trace", default=None, help="with --overview: the trace the Slot page shows (default: the workspace's first)")
+    p.add_argument("--repeats", type=int, default=3, help="with --overview: fresh processes per kind (default 3)")
+    p.add_argument("--compare-app", type=Path, default=None,
+                   help="with --overview: also time the app in this directory (Home.py, pages/), e.g. an older copy of app/")
     a = p.parse_args(argv)
     q = a.quick
+    if a.overview:
+        a.renders = a.renders or 10
+        a.out = a.out or OVERVIEW_OUT
+        return a
     a.trace_accesses = a.trace_accesses or (1_000_000 if q else 10_000_000)
     a.renders = a.renders or (10 if q else 40)
     a.navigations = a.navigations or (4 if q else 10)
@@ -351,6 +596,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("STREAMLIT_LOGGER_LEVEL", "error")  # AppTest's bare-mode warnings
+    if args.overview:
+        return overview_main(args)
     if not PAGE.exists():
         raise SystemExit(f"{PAGE} does not exist (the app is not there yet)")
     sys.path.insert(0, str(PAGE.parent.parent))  # app/ (for `_common`), as `streamlit run app/Home.py` has it

@@ -15,7 +15,8 @@ from plotly.subplots import make_subplots
 __all__ = [
     "access_histogram", "weight_histogram", "curve_panels", "learning_curves", "overlap_heatmap", "churn_figure",
     "tfidf_history", "value_norm_history", "promoted_tokens_figure", "token_slot_heatmap",
-    "access_shift_figure", "fact_shift_figure", "entity_share_figure",
+    "access_shift_figure", "fact_shift_figure", "entity_share_figure", "rank_histogram_figure", "token_bar_labels",
+    "key_map_figure", "learning_forgetting_figure", "slot_reads_histogram",
 ]
 
 _LAYOUT = dict(margin=dict(l=40, r=20, t=50, b=40), template="plotly_white")
@@ -132,17 +133,6 @@ def value_norm_history(history: pd.DataFrame, *, slot: int | None = None) -> go.
     return fig
 
 
-def promoted_tokens_figure(tokens: pd.DataFrame) -> go.Figure:
-    """Vocabulary projection of a slot (`promoted_tokens`): promoted tokens right, suppressed left."""
-    _require(tokens, ["direction", "token", "logit"], "promoted_tokens_figure")
-    df = tokens.sort_values("logit")
-    colors = np.where(df["direction"] == "promoted", "seagreen", "indianred")
-    fig = go.Figure(go.Bar(x=df["logit"], y=[repr(t) for t in df["token"]], orientation="h", marker_color=colors))
-    fig.update_layout(title="Promoted and suppressed tokens", xaxis_title="projected logit", **_LAYOUT)
-    fig.update_yaxes(type="category")
-    return fig
-
-
 def token_slot_heatmap(reads: pd.DataFrame, *, max_slots: int = 40) -> go.Figure:
     """Which slots each token of a document read (`SlotIndex.slots_for` rows: position, token, slot,
     weight): tokens down, slots across (the `max_slots` most-read), colour = summed weight over heads."""
@@ -188,3 +178,129 @@ def entity_share_figure(profile: pd.DataFrame, slot: int) -> go.Figure:
     fig = go.Figure(go.Bar(x=[c.removeprefix("share_") for c in cols], y=values))
     fig.update_layout(title=f"Entity labels slot {slot} reads on (share of its mass)", yaxis_title="share", **_LAYOUT)
     return fig
+
+
+# ---- one slot's page (issue 18): rank positions, logit effects with unique bars, the key map
+
+
+def rank_histogram_figure(ranks: pd.DataFrame, *, slot: int | None = None) -> go.Figure:
+    """Where in its head's top-k each read of a slot landed (`rank_histogram`: rank 1..knn, reads)."""
+    _require(ranks, ["rank", "reads"], "rank_histogram_figure")
+    fig = go.Figure(go.Bar(x=ranks["rank"].astype(int), y=ranks["reads"], name="reads"))
+    title = "Rank of the read in the head's top-k" + (f" — slot {slot}" if slot is not None else "")
+    fig.update_layout(title=title, xaxis_title="rank (1 = the head's highest score)", yaxis_title="reads", bargap=0.1, **_LAYOUT)
+    fig.update_xaxes(dtick=1)
+    return fig
+
+
+def token_bar_labels(tokens: pd.DataFrame) -> list[str]:
+    """One distinct category label per row of a `promoted_tokens` frame: repr(token) and its id, so two
+    tokens that render alike ("the" id 5 and "the" id 9, or ones differing only in invisible
+    characters) stay two bars; a token listed twice (promoted and suppressed, in a tiny vocabulary)
+    gets its direction added."""
+    ids = tokens["token_id"] if "token_id" in tokens.columns else pd.Series(range(len(tokens)), index=tokens.index)
+    labels = [f"{t!r} #{int(i)}" for t, i in zip(tokens["token"], ids)]
+    seen: dict[str, int] = {}
+    out = []
+    for label, direction in zip(labels, tokens["direction"]):
+        n = seen.get(label, 0)
+        seen[label] = n + 1
+        out.append(label if n == 0 else f"{label} ({direction}{'' if n == 1 else f' {n}'})")
+    return out
+
+
+def promoted_tokens_figure(tokens: pd.DataFrame) -> go.Figure:
+    """Vocabulary projection of a slot (`promoted_tokens`): promoted tokens right, suppressed left, one
+    bar per row (labels from `token_bar_labels`, never merged by plotly's categories)."""
+    _require(tokens, ["direction", "token", "logit"], "promoted_tokens_figure")
+    df = tokens.sort_values("logit", kind="stable")
+    colors = np.where(df["direction"] == "promoted", "seagreen", "indianred")
+    fig = go.Figure(go.Bar(x=df["logit"], y=token_bar_labels(df), orientation="h", marker_color=colors))
+    fig.update_layout(title="Promoted and suppressed tokens", xaxis_title="projected logit",
+                      height=max(300, 22 * len(df) + 100), **_LAYOUT)
+    fig.update_yaxes(type="category")
+    return fig
+
+
+def key_map_figure(grid: np.ndarray, *, slot: int | None = None, max_cells: int = 256) -> go.Figure:
+    """Reads over the product-key grid (`key_map`: n_keys × n_keys, row i1, column i2), colour
+    log10(1 + reads), `slot` marked with a cross. A grid wider than `max_cells` is shown summed over
+    square blocks (the title says how many sub-keys a cell covers)."""
+    grid = np.asarray(grid, dtype=np.float64)
+    n = grid.shape[0]
+    block = max(1, -(-n // max_cells))
+    if block > 1:
+        m = -(-n // block)
+        padded = np.zeros((m * block, m * block))
+        padded[:n, :n] = grid
+        grid = padded.reshape(m, block, m, block).sum(axis=(1, 3))
+    fig = go.Figure(go.Heatmap(z=np.log10(1 + grid), colorscale="Viridis", colorbar=dict(title="log10(1+reads)"),
+                               customdata=grid, hovertemplate="i1 %{y}, i2 %{x}: %{customdata:.0f} reads<extra></extra>"))
+    if slot is not None:
+        i1, i2 = divmod(int(slot), n)
+        fig.add_trace(go.Scatter(x=[i2 // block], y=[i1 // block], mode="markers", name=f"slot {slot}",
+                                 marker=dict(symbol="x", size=14, color="crimson", line=dict(width=2))))
+    cover = f" (a cell = {block}×{block} sub-key pairs)" if block > 1 else ""
+    fig.update_layout(title=f"Reads over the key grid (row i1, column i2){cover}", xaxis_title="i2", yaxis_title="i1",
+                      yaxis_autorange="reversed", height=520, **_LAYOUT)
+    return fig
+
+
+
+
+# ---- the Overview (issue 18): learning against forgetting of every run, reads per slot pre-binned
+
+
+def _escaped(text: object) -> str:
+    import html
+
+    return html.escape(str(text), quote=True)
+
+
+def learning_forgetting_figure(runs: pd.DataFrame, *, x: str = "known EM drop", y: str = "learning EM") -> go.Figure:
+    """One point per run: learning (`y`, e.g. the summary's learning EM at the end) against forgetting
+    (`x`, e.g. the known-fact EM drop from the run's start), one colour per method. `runs`: columns run,
+    method, `x`, `y`, optionally config (a dict per run, shown on hover); rows with `x` or `y` missing are
+    left out. Names and config values are HTML-escaped (plotly renders its hover and legend text as markup)."""
+    _require(runs, ["run", "method", x, y], "learning_forgetting_figure")
+    shown = runs.dropna(subset=[x, y])
+    fig = go.Figure()
+    for method, group in shown.groupby("method", sort=True):
+        hover = []
+        for row in group.to_dict("records"):
+            lines = [f"<b>{_escaped(row['run'])}</b>", f"{_escaped(y)}: {float(row[y]):.3f}", f"{_escaped(x)}: {float(row[x]):.3f}"]
+            config = row.get("config")
+            if isinstance(config, dict):
+                lines += [f"{_escaped(k)}: {_escaped(v)}" for k, v in config.items() if not isinstance(v, (list, dict))]
+            hover.append("<br>".join(lines))
+        fig.add_trace(go.Scatter(x=group[x].astype(float).tolist(), y=group[y].astype(float).tolist(), mode="markers+text",
+                                 name=_escaped(method), text=[_escaped(n) for n in group["run"]], textposition="top center",
+                                 hovertext=hover, hoverinfo="text", marker=dict(size=12)))
+    fig.update_layout(title="Learning against forgetting, one point per run", xaxis_title=f"forgetting: {x}",
+                      yaxis_title=f"learning: {y}", legend_title="method", **_LAYOUT)
+    return fig
+
+
+def slot_reads_histogram(counts: np.ndarray | Sequence[int], *, bins: int = 40, title: str = "Reads per slot") -> go.Figure:
+    """`access_histogram` binned here (numpy), so the figure holds `bins` + 1 bars and not one value per
+    slot (a memory of millions of slots draws as fast as a small one): the first bar, apart, is the dead
+    slots (0 reads); the others split 1..max reads into `bins` equal ranges."""
+    counts = np.asarray(counts, dtype=np.int64)
+    dead = int((counts == 0).sum())
+    read = counts[counts > 0]
+    fig = go.Figure(go.Bar(x=[0], y=[dead], name="dead (0 reads)", marker_color="indianred", width=[0.8],
+                           hovertemplate="0 reads: %{y} slots<extra></extra>"))
+    if len(read):
+        top = int(read.max())
+        n = max(1, min(bins, top))
+        edges = np.linspace(1, top + 1, n + 1)
+        hist, _ = np.histogram(read, bins=edges)
+        lo, hi = np.ceil(edges[:-1]).astype(int), np.ceil(edges[1:]).astype(int) - 1
+        labels = [f"{a}" if a == b else f"{a}–{b}" for a, b in zip(lo, hi)]
+        fig.add_trace(go.Bar(x=((edges[:-1] + edges[1:]) / 2 - 0.5).tolist(), y=hist.tolist(), width=(np.diff(edges) * 0.95).tolist(), name="read",
+                             customdata=labels, hovertemplate="%{customdata} reads: %{y} slots<extra></extra>",
+                             marker_color="steelblue"))
+    fig.update_layout(title=title, xaxis_title="reads of a slot", yaxis_title="slots", showlegend=True, **_LAYOUT)
+    return fig
+
+

@@ -1,8 +1,8 @@
 """Serving the Streamlit app (`app/` beside the package) for a workspace: the command line it runs,
 and `serve_app`, which prints the address and runs the server as a child process until it exits,
 passing SIGTERM and SIGINT on to it (so stopping `smviz app` stops the server too). Bound to
-127.0.0.1 unless a host is given explicitly, with usage statistics off; the toolbar is minimal
-(app/.streamlit/config.toml)."""
+127.0.0.1 unless a host is given explicitly, with usage statistics off; the toolbar is minimal, no
+Deploy button (--client.toolbarMode minimal, as app/.streamlit/config.toml and .streamlit/config.toml say)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ def app_command(port: int = 8501, host: str = "127.0.0.1") -> list[str]:
     if not home.is_file():
         raise SmvizError(f"the Streamlit app is missing ({home} does not exist); run smviz from a checkout of the repository")
     return [sys.executable, "-m", "streamlit", "run", str(home), "--server.address", host, "--server.port", str(port),
-            "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+            "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            "--client.toolbarMode", "minimal"]  # no Deploy button (also app/.streamlit/config.toml)
 
 
 def serve_app(workspace: str | os.PathLike, *, port: int = 8501, host: str = "127.0.0.1", announce: bool = True) -> int:

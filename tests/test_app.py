@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
+from apptest import ok, table  # noqa: E402
 
 APP = Path(__file__).resolve().parents[1] / "app"
 XSS = "<script>alert(1)</script>"
@@ -33,20 +34,6 @@ def page(monkeypatch, ws, name: str) -> AppTest:
     monkeypatch.setenv("SMVIZ_WORKSPACE", str(ws.root if hasattr(ws, "root") else ws))
     path = APP / "Home.py" if name == "Home" else next((APP / "pages").glob(f"*_{name}.py"))
     return AppTest.from_file(str(path), default_timeout=60)
-
-
-def ok(at: AppTest) -> AppTest:
-    assert not at.exception, [e.value for e in at.exception]
-    assert not at.error, [e.value for e in at.error]
-    return at
-
-
-def table(at: AppTest, *columns: str):
-    """The first dataframe shown with all of `columns`."""
-    for d in at.dataframe:
-        if all(c in d.value.columns for c in columns):
-            return d.value
-    raise AssertionError(f"no table with columns {columns}: {[list(d.value.columns) for d in at.dataframe]}")
 
 
 def texts(elements) -> str:

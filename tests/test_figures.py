@@ -51,7 +51,7 @@ def test_promoted_tokens_and_token_slot_heatmap():
     pt = pd.DataFrame({"direction": ["promoted", "suppressed"], "rank": [0, 0], "token_id": [5, 6],
                        "token": ["<b>", "x"], "logit": [2.0, -1.0]})
     fig = figures.promoted_tokens_figure(pt)
-    assert list(fig.data[0].x) == [-1.0, 2.0] and list(fig.data[0].y) == ["'x'", "'<b>'"]
+    assert list(fig.data[0].x) == [-1.0, 2.0] and list(fig.data[0].y) == ["'x' #6", "'<b>' #5"]
     reads = pd.DataFrame({"position": [0, 0, 1], "token": ["a", "a", "b"], "slot": [3, 4, 3], "weight": [.5, .25, 1.0]})
     fig = figures.token_slot_heatmap(reads)
     np.testing.assert_allclose(np.asarray(fig.data[0].z), [[.5, .25], [1.0, 0.0]])

@@ -32,6 +32,8 @@ source = st.selectbox("Items of", list(sources), format_func=sources.get, key="s
 source_run = None if source == c.WORKSPACE_FACTS else source.removeprefix("run:")
 
 trace_names = c.traces(ws)
+if "trace" not in st.session_state and st.query_params.get("trace") in trace_names:  # ?trace=NAME (the Search page links)
+    st.session_state["trace"] = st.query_params.get("trace")
 trace_name = st.selectbox("Trace", trace_names, key="trace") if trace_names else None
 
 
@@ -105,6 +107,8 @@ if trace_name is not None:
 else:
     fact_docs, in_trace = {}, []
 choices = in_trace or sorted(facts)
+if "fact" not in st.session_state and st.query_params.get("fact") in choices:  # ?fact=ID preselects the fact
+    st.session_state["fact"] = st.query_params.get("fact")
 fact_id = st.selectbox("Fact", choices, key="fact")
 fact = facts[fact_id]
 
