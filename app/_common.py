@@ -7,6 +7,9 @@ from __future__ import annotations
 import html
 import os
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +119,21 @@ def load_model(path: str):
     from smviz.model import MemoryModel
 
     return MemoryModel.from_pretrained(path)
+
+
+@st.cache_resource(show_spinner=False)
+def _model_lock(path: str) -> threading.RLock:
+    return threading.RLock()  # re-entrant: a page may hold the same model twice (before = after)
+
+
+@contextmanager
+def live_model(path: str) -> Iterator[Any]:
+    """The cached model of `path`, held by this script run alone inside the block. Recording, ablation and
+    steering attach hooks to the one shared model; a rerun that starts while an earlier one is still
+    inside a forward (typing in Probe does that) would otherwise have its calls recorded or steered too."""
+    model = load_model(path)
+    with _model_lock(path):
+        yield model
 
 
 @st.cache_resource(show_spinner=False)

@@ -2,7 +2,9 @@
 (Debian's `chromium`, driven by Playwright) opens the Slot page, a slot id is typed into the "Slot id"
 input, and the page must render that slot's top contexts (`.smviz-context` blocks with the accessing
 token in `mark.smviz-focus`) as the library computes them, with no "Deploy" button in the toolbar (a
-local tool); a screenshot is saved in the test's tmp dir.
+local tool); then a sentence typed into the Probe page is read live (each token's strongest slot as
+`read_text` gives it) and the Search page finds a token's rows as `token_search` does. Screenshots
+are saved in the test's tmp dir.
 
 `make test` installs /usr/bin/chromium when it is missing and the user is root. Where it is missing
 the test is skipped, the skip reason giving the install command; under CI (`CI` set, as `.ci/run`
@@ -175,3 +177,65 @@ def test_slot_page_renders_contexts_in_chromium(chromium, workspace, server, tmp
         finally:
             browser.close()
     assert shot.exists() and shot.stat().st_size > 0
+
+
+def _wait_idle(page) -> None:
+    """Let the script run finish (Streamlit shows its status widget while it runs); not an assertion."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function("""() => !document.querySelector('[data-testid="stStatusWidget"]')""", timeout=RENDER_S * 1000)
+    except PlaywrightTimeout:
+        pass
+
+
+def test_probe_and_search_in_chromium(chromium, workspace, server, tmp_path):
+    """Probe: a sentence typed into the text box is read live and each token's strongest slot is the
+    library's (`read_text` → `text_top_slots`). Search: ?q=TOKEN finds as many token rows as
+    `token_search` does."""
+    from urllib.parse import quote
+
+    from playwright.sync_api import sync_playwright
+
+    from smviz.analysis import read_text, text_top_slots, token_search
+    from smviz.model import MemoryModel
+    from smviz.trace import Trace
+
+    sentence = "Maribel keeps an orange kayak beside the old pier."
+    model = MemoryModel.from_pretrained(workspace.model("micro"))
+    per_token = text_top_slots(read_text(model, sentence), 5)
+    first = per_token[per_token["position"] == 0].sort_values("rank")
+    want = f"#0: {int(first['slot'].iloc[0])} ({float(first['weight'].iloc[0]):.2f})"
+
+    trace = Trace.load(workspace.trace("new"))
+    token = _norm(trace.slot_index().contexts(int(trace.to_pandas()["slot"].value_counts().index[0]), n=1)["token"].iloc[0])
+    rows = token_search(trace.slot_index(), token).attrs["rows"]
+
+    url, logs = server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1400})
+            page.goto(f"{url}/Probe", timeout=FIRST_RENDER_S * 1000)
+            box = page.locator('textarea[aria-label="Text"]')
+            box.wait_for(state="visible", timeout=FIRST_RENDER_S * 1000)
+            box.fill(sentence)
+            box.press("Control+Enter")
+            page.wait_for_function(
+                """(want) => { const t = document.querySelector('.smviz-tok');
+                               return t && t.getAttribute('title').startsWith(want); }""",
+                arg=want, timeout=FIRST_RENDER_S * 1000)
+            _wait_idle(page)
+            strip = "".join(page.locator(".smviz-tok").all_text_contents())
+            assert _norm(strip) == _norm(sentence), (strip, sentence)
+            page.screenshot(path=str(tmp_path / "probe.png"), full_page=True)
+
+            page.goto(f"{url}/Search?trace=new&q={quote(token)}", timeout=FIRST_RENDER_S * 1000)
+            page.get_by_text(f"{rows:,} token rows equal").wait_for(timeout=FIRST_RENDER_S * 1000)
+            page.locator('[data-testid="stDataFrame"]').first.wait_for(timeout=RENDER_S * 1000)  # the results table
+            page.screenshot(path=str(tmp_path / "search.png"), full_page=True)
+        except Exception as err:
+            page.screenshot(path=str(tmp_path / "failed.png"), full_page=True)
+            raise AssertionError(f"{err}\npage text:\n{page.inner_text('body')[:2000]}\nserver log:\n{logs()}") from err
+        finally:
+            browser.close()

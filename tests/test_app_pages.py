@@ -120,7 +120,7 @@ def test_slot_page_opens_on_the_most_read_slot_with_the_card(monkeypatch, ws, li
     card = slot_card(index, slot, model=lib["model"], stats=lib["stats"], runs=[lib["run"]])
     metrics = {m.label: m.value for m in at.metric}
     assert metrics["Reads in trace"] == f"{card['reads']:,}" and metrics["Reading tokens"] == f"{card['reading_tokens']:,}"
-    assert metrics["Density"] == f"{card['density']:.3%}" and metrics["Mean weight"] == f"{card['mean_weight']:.3f}"
+    assert metrics["Density"] == f"{card['density']:.1%}" and metrics["Mean weight"] == f"{card['mean_weight']:.3f}"
     assert metrics["Max weight"] == f"{card['max_weight']:.3f}" and metrics["Sub-keys (i1, i2)"] == f"({card['i1']}, {card['i2']})"
     assert metrics["Value norm"] == f"{card['value_norm']:.3f}" and metrics["IDF"] == f"{card['idf']:.3f}"
     assert metrics["Background DF"] == f"{card['df']:,} / {card['background_docs']:,}"

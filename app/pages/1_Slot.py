@@ -144,7 +144,7 @@ st.markdown(f"[Steer this slot](/Steer?slot={slot}) · [Probe a text](/Probe) ·
 row1 = st.columns(6)
 row1[0].metric("Reads in trace", f"{card['reads']:,}", help="every read: tokens × heads")
 row1[1].metric("Reading tokens", f"{card['reading_tokens']:,}")
-row1[2].metric("Density", f"{card['density']:.3%}", help="share of the trace's tokens whose top-k holds the slot in any head")
+row1[2].metric("Density", f"{card['density']:.1%}", help="share of the trace's tokens whose top-k holds the slot in any head")
 row1[3].metric("Mean weight", fmt(card["mean_weight"], ".3f"))
 row1[4].metric("Max weight", fmt(card["max_weight"], ".3f"))
 row1[5].metric("Sub-keys (i1, i2)", f"({card['i1']}, {card['i2']})", help="slot = i1 · n_keys + i2")
@@ -216,7 +216,8 @@ with tabs[1]:
 @st.cache_data(show_spinner="Projecting the value row…")
 def promoted(model_dir: str, trace_path: str | None, slot: int, layer: int) -> pd.DataFrame:
     tr = c.load_trace(trace_path)[0] if trace_path else None
-    return promoted_tokens(c.load_model(model_dir), slot, layer, trace=tr, k=10)
+    with c.live_model(model_dir) as model:
+        return promoted_tokens(model, slot, layer, trace=tr, k=10)
 
 
 with tabs[2]:
@@ -248,7 +249,8 @@ with tabs[3]:
         renorm = cols[1].checkbox("Renormalise the head's other reads", value=True, key="ablate_renorm")
         if cols[2].button("Measure Δ log-prob of the next token", key="ablate_slot"):
             try:
-                effects = ablation_effects(c.load_model(model_dir), index, slot, n=int(n_ab), layer=layer, renormalise=renorm)
+                with c.live_model(model_dir) as model:
+                    effects = ablation_effects(model, index, slot, n=int(n_ab), layer=layer, renormalise=renorm)
                 st.session_state["slot_ablation"] = (trace_name, layer, slot, effects)
             except SmvizError as err:
                 st.warning(f"Could not ablate: {err}")

@@ -165,14 +165,16 @@ from smviz.analysis import ablation_test, fact_shift  # noqa: E402
 
 @st.cache_data(show_spinner="Answering…")
 def shift(before: str, after: str, source: str, fact_id: str) -> pd.DataFrame:
-    return fact_shift(c.load_model(before), c.load_model(after), [facts[fact_id]])
+    with c.live_model(before) as model_before, c.live_model(after) as model_after:
+        return fact_shift(model_before, model_after, [facts[fact_id]])
 
 
 st.dataframe(shift(str(ws.model(base)), str(after_dir), source, fact_id), hide_index=True, key="answers_table")
 
 if c.selects(run) and st.button("Run ablation test", key="ablate"):
     slots = run.selected(by="fact")[fact_id]
-    res = ablation_test(c.load_model(str(after_dir)), fact, slots, draws=5)
+    with c.live_model(str(after_dir)) as model:
+        res = ablation_test(model, fact, slots, draws=5)
     real = res[res["set"] == "real"].iloc[0]
     st.write(f"Ablating the {len(slots)} selected slots: Δlog-prob {real['delta_logprob']:.4f}, ΔF1 {real['delta_f1']:.3f}, "
              f"percentile {real['percentile']:.2f} among {len(res) - 1} random sets.")

@@ -26,7 +26,8 @@ c.require(model_names, "models with memory layers", c.cmd_model(ws))
 
 @st.cache_data(show_spinner="Reading the text…", max_entries=64)
 def reads_of(model_dir: str, text: str, layer: int | None) -> pd.DataFrame:
-    return read_text(c.load_model(model_dir), text, layer=layer)
+    with c.live_model(model_dir) as model:
+        return read_text(model, text, layer=layer)
 
 
 facts = c.load_facts(str(ws.data)) if ws.data.is_dir() else {}

@@ -22,6 +22,11 @@ model_names = c.memory_models(ws)
 c.require(model_names, "models with memory layers", c.cmd_model(ws))
 
 # ?slot=N (or N,M) prefills the slots, e.g. from a slot page
+def steered_text(model_dir: str, request: dict) -> dict:
+    with c.live_model(model_dir) as model:
+        return steer_generate(model, **request)
+
+
 if "slots" not in st.session_state and re.fullmatch(r"\d+(,\d+)*", str(st.query_params.get("slot", ""))):
     st.session_state["slots"] = str(st.query_params.get("slot")).replace(",", ", ")
 
@@ -80,7 +85,7 @@ else:
 
 if st.button("Generate before / after", key="generate", type="primary", disabled=not slots or not prompt.strip()):
     try:
-        st.session_state["steer_result"] = (model_dir, request, steer_generate(model, **request))
+        st.session_state["steer_result"] = (model_dir, request, steered_text(model_dir, request))
     except SmvizError as err:
         st.session_state.pop("steer_result", None)
         st.warning(f"Could not steer: {err}")
