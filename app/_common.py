@@ -235,21 +235,6 @@ def e(text: Any) -> str:
     return html.escape(str(text), quote=True)
 
 
-def context_html(row: pd.Series, max_weight: float) -> str:
-    """One context of `SlotIndex.contexts` as escaped HTML, the accessing token highlighted by weight."""
-    window = list(row["window"])
-    f = int(row["focus"])
-    alpha = 0.15 + 0.85 * (float(row["weight"]) / max_weight if max_weight > 0 else 1.0)
-    left = e("".join(window[:f]))
-    right = e("".join(window[f + 1 :]))
-    focus = e(window[f])
-    meta = e(f"#{int(row['rank'])} · {row['doc_id']} · pos {int(row['position'])} · weight {float(row['weight']):.3f}")
-    return (
-        f'<div class="smviz-context"><span class="smviz-meta">{meta}</span><br>{left}'
-        f'<mark class="smviz-focus" style="background: rgba(255, 140, 0, {alpha:.2f})">{focus}</mark>{right}</div>'
-    )
-
-
 def slot_link(trace: str, slot: int) -> str:
     """The Slot page of `slot` in `trace` (the trace name URL-quoted)."""
     from urllib.parse import quote
@@ -304,11 +289,11 @@ def md(text: Any) -> str:
     return html.escape(visible("".join("\\" + ch if ch in _MD_PUNCT else ch for ch in str(text))), quote=True)
 
 
-def context_next_html(row: pd.Series, max_weight: float, *, bucket: bool = False) -> str:
+def context_html(row: pd.Series, max_weight: float, *, bucket: bool = False) -> str:
     """One context of `SlotIndex.contexts` / `weight_buckets` as escaped HTML: the reading token marked
     by weight (mark.smviz-focus), the token after it named in the header line ("next '…'"; the text
-    around the mark stays one run of text, as `context_html` gives it). `bucket`: the block of an
-    interval bucket (class "smviz-context smviz-bucket")."""
+    around the mark stays one run of text). `bucket`: the block of an interval bucket (class
+    "smviz-context smviz-bucket")."""
     window = list(row["window"])
     f = int(row["focus"])
     alpha = 0.15 + 0.85 * (float(row["weight"]) / max_weight if max_weight > 0 else 1.0)
@@ -338,19 +323,14 @@ def memory_models(ws: Workspace) -> list[str]:
     return out
 
 
-@st.cache_data(show_spinner=False)
-def trace_hashes(root: str) -> dict[str, str | None]:
-    """{trace name: hash of the model it was recorded with}, from each trace's meta (no table read)."""
-    from smviz.trace import Trace
-
-    ws = Workspace(root)
-    return {name: Trace.load(ws.trace(name), verify=False).model_hash for name in traces(ws)}
-
-
 def traces_of_model(ws: Workspace, model: str) -> list[str]:
-    """The traces recorded with workspace model `model` (matched by model hash)."""
+    """The traces recorded with workspace model `model` (matched by model hash, from each trace's
+    meta: `trace_info`)."""
     h = model_hashes(str(ws.root)).get(model)
-    return [t for t, th in trace_hashes(str(ws.root)).items() if h is not None and th == h]
+    if h is None:
+        return []
+    infos = {t: trace_info(str(ws.trace(t)), stamp(ws.trace(t) / META_FILE)) for t in traces(ws)}
+    return [t for t, info in infos.items() if info["model_hash"] == h]
 
 
 def export_bytes(card: dict[str, Any], contexts: pd.DataFrame, provenance: dict[str, Any]) -> tuple[bytes, bytes]:

@@ -4,6 +4,7 @@ notebooks all draw through these functions, so a figure looks the same everywher
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,6 +19,10 @@ __all__ = [
     "access_shift_figure", "fact_shift_figure", "entity_share_figure", "rank_histogram_figure", "token_bar_labels",
     "key_map_figure", "learning_forgetting_figure", "slot_reads_histogram",
 ]
+
+def _e(text: object) -> str:
+    """Data text for plotly hover and legend text, which plotly renders as markup."""
+    return html.escape(str(text))
 
 _LAYOUT = dict(margin=dict(l=40, r=20, t=50, b=40), template="plotly_white")
 
@@ -251,12 +256,6 @@ def key_map_figure(grid: np.ndarray, *, slot: int | None = None, max_cells: int 
 # ---- the Overview (issue 18): learning against forgetting of every run, reads per slot pre-binned
 
 
-def _escaped(text: object) -> str:
-    import html
-
-    return html.escape(str(text), quote=True)
-
-
 def learning_forgetting_figure(runs: pd.DataFrame, *, x: str = "known EM drop", y: str = "learning EM") -> go.Figure:
     """One point per run: learning (`y`, e.g. the summary's learning EM at the end) against forgetting
     (`x`, e.g. the known-fact EM drop from the run's start), one colour per method. `runs`: columns run,
@@ -268,13 +267,13 @@ def learning_forgetting_figure(runs: pd.DataFrame, *, x: str = "known EM drop", 
     for method, group in shown.groupby("method", sort=True):
         hover = []
         for row in group.to_dict("records"):
-            lines = [f"<b>{_escaped(row['run'])}</b>", f"{_escaped(y)}: {float(row[y]):.3f}", f"{_escaped(x)}: {float(row[x]):.3f}"]
+            lines = [f"<b>{_e(row['run'])}</b>", f"{_e(y)}: {float(row[y]):.3f}", f"{_e(x)}: {float(row[x]):.3f}"]
             config = row.get("config")
             if isinstance(config, dict):
-                lines += [f"{_escaped(k)}: {_escaped(v)}" for k, v in config.items() if not isinstance(v, (list, dict))]
+                lines += [f"{_e(k)}: {_e(v)}" for k, v in config.items() if not isinstance(v, (list, dict))]
             hover.append("<br>".join(lines))
         fig.add_trace(go.Scatter(x=group[x].astype(float).tolist(), y=group[y].astype(float).tolist(), mode="markers+text",
-                                 name=_escaped(method), text=[_escaped(n) for n in group["run"]], textposition="top center",
+                                 name=_e(method), text=[_e(n) for n in group["run"]], textposition="top center",
                                  hovertext=hover, hoverinfo="text", marker=dict(size=12)))
     fig.update_layout(title="Learning against forgetting, one point per run", xaxis_title=f"forgetting: {x}",
                       yaxis_title=f"learning: {y}", legend_title="method", **_LAYOUT)

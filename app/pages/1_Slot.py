@@ -181,7 +181,7 @@ with tabs[0]:
         ctx = index.contexts(slot, n=n, window=8, layer=layer)
         strongest = float(ctx["weight"].max())
         st.caption("The reading token is marked (darker: more weight, summed over heads); each header line names the token after it.")
-        st.markdown("".join(c.context_next_html(r, strongest) for _, r in ctx.iterrows()), unsafe_allow_html=True)
+        st.markdown("".join(c.context_html(r, strongest) for _, r in ctx.iterrows()), unsafe_allow_html=True)
         with st.expander("Contexts as a table"):
             st.dataframe(ctx[["rank", "doc_id", "position", "token", "next_token", "weight", "reads", "left", "right"]],
                          hide_index=True, key="contexts_table")
@@ -194,7 +194,7 @@ with tabs[0]:
             head = group.iloc[0]
             parts.append(f'<div class="smviz-meta"><b>{c.esc(label)}</b> · weight {head["bucket_lo"]:.3f}–{head["bucket_hi"]:.3f} · '
                          f'{int(head["bucket_tokens"]):,} tokens</div>')
-            parts.extend(c.context_next_html(r, strongest, bucket=True) for _, r in group.iterrows())
+            parts.extend(c.context_html(r, strongest, bucket=True) for _, r in group.iterrows())
         st.markdown("".join(parts), unsafe_allow_html=True)
         with st.expander("Intervals as a table"):
             st.dataframe(buckets.drop(columns=["window", "focus"]), hide_index=True, key="buckets_table")
