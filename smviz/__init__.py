@@ -1,19 +1,13 @@
-"""smviz: build, record, finetune and explain memory-layer language models."""
+"""smviz: build, record, finetune and explain memory-layer language models. The names below are imported
+on first use (`smviz.lazy`), so `import smviz.workspace.layout` alone does not load torch or transformers."""
 
-from smviz.errors import ConfigError, ModelFileError, SmvizError
-from smviz.memory import MemoryConfig, ProductKeyMemory, ValueTable
-from smviz.model import MemoryModel
-from smviz.usage import UsageMonitor, usage_metrics
+from smviz.lazy import lazy_exports
 
-__all__ = [
-    "ConfigError",
-    "MemoryConfig",
-    "MemoryModel",
-    "ModelFileError",
-    "ProductKeyMemory",
-    "SmvizError",
-    "UsageMonitor",
-    "ValueTable",
-    "usage_metrics",
-]
+EXPORTS = {
+    ".errors": ["ConfigError", "ModelFileError", "SmvizError"],
+    ".memory": ["MemoryConfig", "ProductKeyMemory", "ValueTable"],
+    ".model": ["MemoryModel"],
+    ".usage": ["UsageMonitor", "usage_metrics"],
+}
+__all__ = lazy_exports(__name__, EXPORTS)
 __version__ = "0.1.0"

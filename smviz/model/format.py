@@ -34,17 +34,19 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
 import torch
-import transformers
 from safetensors import SafetensorError
 from torch import nn
 
 from smviz.errors import ConfigError, ModelFileError
 from smviz.io import atomic_dir, strict_json
 from smviz.memory import MemoryConfig
+
+if TYPE_CHECKING:
+    import transformers
 
 MODEL_FORMAT = "smviz-model/1"
 CONFIG_FILE = "config.json"
@@ -284,6 +286,8 @@ def read_hf_config(directory: str | os.PathLike) -> transformers.PretrainedConfi
     """The HF config of config.json, each field of the JSON kind of that config class's default (an
     integer where an integer belongs, ...). Whether smviz supports its architecture is the registry's
     question (`architecture_of`)."""
+    import transformers  # here, not at module level: the app's metadata readers import this module
+
     path = Path(directory) / CONFIG_FILE
     raw = _read_json_object(path)
     model_type = raw.get("model_type")
@@ -314,6 +318,8 @@ def read_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def read_tokenizer(directory: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
     """The tokenizer saved in a model directory."""
+    import transformers
+
     directory = Path(directory)
     try:
         return transformers.AutoTokenizer.from_pretrained(directory)

@@ -5,20 +5,22 @@ the method registry (`register_method`, `get_method`, `method_names`) and the se
 (`register_rule`, `get_rule`, `rule_names`), the learning/forgetting protocol (`EvalSets`), and the one
 reader/writer of run directories (`smviz.train.rundir`)."""
 
-from smviz.train.config import FinetuneConfig
-from smviz.train.finetune import finetune
-from smviz.train.methods import Method, get_method, method_names, register_method
-from smviz.train.pretrain import PretrainConfig, RetrofitConfig, pretrain
-from smviz.train.recipes import recipe
-from smviz.evaluate.protocol import EvalSets, evaluate_point, summarize
-from smviz.train.rundir import FinetuneRunDir, PretrainRunDir
-from smviz.train.selection import RowSelector, Selection, SelectionRule, get_rule, register_rule, rule_names
-from smviz.train.stream import BACKGROUNDS, COMPOSITIONS, Stream, stream_stats
-from smviz.train.trainer import StepResult, Trainer
+# the built-in methods and rules are registered whenever any smviz.train module is imported (a lookup by
+# name, `get_method("sparse")`, must find them); the rest is imported on first use (`smviz.lazy`), so the
+# app's readers of run directories (`rundir`) do not import peft and transformers' model classes
+import smviz.train.builtin  # noqa: F401
+from smviz.lazy import lazy_exports
 
-__all__ = [
-    "BACKGROUNDS", "COMPOSITIONS", "EvalSets", "Stream", "FinetuneConfig", "FinetuneRunDir", "Method", "PretrainConfig", "RetrofitConfig",
-    "PretrainRunDir", "RowSelector", "Selection", "SelectionRule", "StepResult", "Trainer", "evaluate_point", "finetune",
-    "get_method", "get_rule", "method_names", "pretrain", "recipe", "register_method", "register_rule",
-    "rule_names", "stream_stats", "summarize",
-]
+EXPORTS = {
+    ".config": ["FinetuneConfig"],
+    ".finetune": ["finetune"],
+    ".methods": ["Method", "get_method", "method_names", "register_method"],
+    ".pretrain": ["PretrainConfig", "RetrofitConfig", "pretrain"],
+    ".recipes": ["recipe"],
+    "smviz.evaluate.protocol": ["EvalSets", "evaluate_point", "summarize"],
+    ".rundir": ["FinetuneRunDir", "PretrainRunDir"],
+    ".selection": ["RowSelector", "Selection", "SelectionRule", "get_rule", "register_rule", "rule_names"],
+    ".stream": ["BACKGROUNDS", "COMPOSITIONS", "Stream", "stream_stats"],
+    ".trainer": ["StepResult", "Trainer"],
+}
+__all__ = lazy_exports(__name__, EXPORTS)
