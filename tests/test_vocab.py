@@ -1,6 +1,7 @@
 """Vocabulary projection against a direct manual computation for one slot: the gate averaged by hand
 over the tokens that read the slot (their memory inputs captured by a hook on the block's FFN slot,
-their reads by an access hook of our own), then W2, the final norm and the unembedding; the gate of
+their reads by an access hook of our own; documents of unequal length, batched with padding, give the
+gate each document gives alone), then W2, the final norm and the unembedding; the gate of
 ones without a trace; GPT-2's final norm; and clear errors for bad slot ids, a never-read slot and
 a trace of another memory config."""
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from smviz.analysis.vocab import promoted_tokens
+from smviz.analysis.vocab import promoted_tokens, slot_gate
 from smviz.data.tokenizer import train_tokenizer
 from smviz.errors import ConfigError, TraceError
 from smviz.model import MemoryModel
@@ -61,6 +62,30 @@ def test_projection_with_recorded_contexts_by_hand(model):
     torch.testing.assert_close(torch.tensor(top["logit"].to_numpy()), ref.topk(5).values, rtol=1e-5, atol=1e-5)
     assert list(top["rank"]) == list(range(5))
     assert top.iloc[0]["token"] == model.tokenizer.decode([top.iloc[0]["token_id"]])
+
+
+@pytest.mark.parametrize("batch_tokens", [1, 64, 8192])  # one document per forward, a few, all at once
+def test_gate_of_unequal_documents_is_each_documents_own(model, batch_tokens):
+    memory = model.memory_layers[1]
+    docs = [torch.tensor([model.tokenizer(t * n)["input_ids"]]) for n, t in zip((1, 3, 2), TEXTS)]
+    assert len({d.shape[1] for d in docs}) == 3
+    reads, inputs = [], []
+    h1 = memory.add_access_hook(lambda _l, i, w, m: reads.append(i.clone()))
+    h2 = model.lm.model.layers[1].mlp.register_forward_hook(lambda _m, args, _o: inputs.append(args[0].clone()))
+    with torch.no_grad(), AccessRecorder(model) as rec:
+        for d in docs:  # each document alone: the reference inputs
+            model(input_ids=d)
+    h1.remove()
+    h2.remove()
+    idx = torch.cat([r.flatten(0, 1) for r in reads])  # (tokens, H, K)
+    x = torch.cat([i.flatten(0, 1) for i in inputs])
+    slot = int(torch.bincount(idx.flatten(), minlength=256).argmax())
+    readers = (idx == slot).any(-1).any(-1)
+    with torch.no_grad():
+        want = F.silu(memory.w1(x[readers])).double().mean(0)
+    gate, n = slot_gate(model, slot, trace=rec.trace(), batch_tokens=batch_tokens)
+    assert n == int(readers.sum()) and n > len(docs)
+    torch.testing.assert_close(gate, want, rtol=1e-5, atol=1e-6)
 
 
 def test_gate_of_ones_without_trace(model):

@@ -52,10 +52,11 @@ def output_path(model: MemoryModel) -> tuple[nn.Module, nn.Module]:
 
 @torch.no_grad()
 def slot_gate(model: MemoryModel, slot: int, layer: int | None = None, *, trace: Trace,
-              max_contexts: int = 256) -> tuple[torch.Tensor, int]:
+              max_contexts: int = 256, batch_tokens: int = 8192) -> tuple[torch.Tensor, int]:
     """The mean swilu gate silu(W1 x) (v_dim,) over the (at most `max_contexts` highest-weight)
-    recorded tokens that read `slot`, recomputed by running their documents through `model`;
-    returns it and the number of contexts averaged. A slot the trace never saw read raises."""
+    recorded tokens that read `slot`, recomputed by running their documents through `model` in batches of
+    at most `batch_tokens` padded tokens; returns it and the number of contexts averaged. A slot the trace
+    never saw read raises."""
     layer = model.resolve_layer(layer)
     memory = model.memory_layers[layer]
     if memory.w1 is None:
@@ -73,28 +74,50 @@ def slot_gate(model: MemoryModel, slot: int, layer: int | None = None, *, trace:
     token_ids = trace.tokens.column("token_id").to_numpy()
     limit = int(getattr(model.config, "max_position_embeddings", 0) or getattr(model.config, "n_positions", 0) or 1 << 30)
 
+    windows: list[tuple[np.ndarray, list[int]]] = []  # (token ids of a window, positions whose gate is wanted)
+    for doc, group in ctx.groupby("doc", sort=True):
+        lo, hi = int(tok["doc_start"][doc]), int(tok["doc_start"][doc + 1])
+        order = np.argsort(tok["position"][lo:hi], kind="stable")  # document order
+        ids = token_ids[lo:hi][order]
+        if (ids < 0).any():
+            raise TraceError("the trace was recorded from embeddings (token_id -1): its contexts cannot be rerun")
+        place = np.argsort(order)[group["row"].to_numpy() - lo].tolist()  # each reader's place in document order
+        if len(ids) <= limit:
+            windows.append((ids, place))
+        else:
+            windows += [(ids[max(0, p - limit + 1): p + 1], [min(p, limit - 1)]) for p in place]
+
     captured: list[torch.Tensor] = []
     handle = memory.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
     gates = []
     try:
-        for doc, group in ctx.groupby("doc", sort=True):
-            lo, hi = int(tok["doc_start"][doc]), int(tok["doc_start"][doc + 1])
-            order = np.argsort(tok["position"][lo:hi], kind="stable")  # document order
-            ids = token_ids[lo:hi][order]
-            if (ids < 0).any():
-                raise TraceError("the trace was recorded from embeddings (token_id -1): its contexts cannot be rerun")
-            place = {int(r): int(np.flatnonzero(order == r - lo)[0]) for r in group["row"]}
-            windows = [(0, len(ids), list(place.values()))] if len(ids) <= limit else \
-                [(max(0, p - limit + 1), p + 1, [p]) for p in place.values()]
-            for a, b, wanted in windows:
-                captured.clear()
-                model(input_ids=torch.tensor(ids[None, a:b], device=model.device, dtype=torch.long))
-                x = captured[-1][0]  # (T, dim)
-                gates.append(F.silu(memory.w1(x[[p - a for p in wanted]])))
+        for chunk in _length_batches(windows, batch_tokens):
+            # right-padded: under the causal mask a real token never attends to the padding after it, so
+            # its memory input is the one its document alone gives (one forward per batch, not per document)
+            ids = torch.zeros((len(chunk), max(len(w) for w, _ in chunk)), dtype=torch.long)
+            for row, (w, _) in enumerate(chunk):
+                ids[row, : len(w)] = torch.from_numpy(w.astype(np.int64))
+            captured.clear()
+            model(input_ids=ids.to(model.device))
+            rows = [row for row, (_, wanted) in enumerate(chunk) for _ in wanted]
+            cols = [p for _, wanted in chunk for p in wanted]
+            gates.append(F.silu(memory.w1(captured[-1][rows, cols])))
     finally:
         handle.remove()
     gate = torch.cat(gates).double().mean(0)
     return gate, len(ctx)
+
+
+def _length_batches(windows: list[tuple[np.ndarray, list[int]]], batch_tokens: int) -> list[list[tuple[np.ndarray, list[int]]]]:
+    """`windows` in batches of similar length (sorted by it, so little padding), each at most `batch_tokens`
+    tokens once padded to its longest window (a window longer than that is a batch of its own)."""
+    batches: list[list[tuple[np.ndarray, list[int]]]] = []
+    for w in sorted(windows, key=lambda w: len(w[0])):
+        if batches and (len(batches[-1]) + 1) * len(w[0]) <= batch_tokens:
+            batches[-1].append(w)
+        else:
+            batches.append([w])
+    return batches
 
 
 @torch.no_grad()
