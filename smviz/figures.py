@@ -24,7 +24,11 @@ def _e(text: object) -> str:
     """Data text for plotly hover and legend text, which plotly renders as markup."""
     return html.escape(str(text))
 
-_LAYOUT = dict(margin=dict(l=40, r=20, t=50, b=40), template="plotly_white")
+# No template here: setting one costs ~9 ms a figure (plotly copies it), several per Slot page render, and
+# the app styles charts with Streamlit's theme anyway. Reports set theirs when they embed a figure.
+_LAYOUT = dict(margin=dict(l=40, r=20, t=50, b=40))
+REPORT_TEMPLATE = "plotly_white"
+"""The plotly template of figures in self-contained reports (smviz.report)."""
 
 
 def _require(df: pd.DataFrame, columns: Sequence[str], what: str) -> None:

@@ -61,6 +61,7 @@ def _table_md(rows: list[dict[str, Any]], columns: list[str] | None = None) -> s
 
 
 def _fig(fig: go.Figure) -> str:
+    fig.update_layout(template=figures.REPORT_TEMPLATE)
     return fig.to_html(full_html=False, include_plotlyjs=False, config={"displaylogo": False})
 
 
