@@ -24,12 +24,12 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 # Retrofit recipes: how a memory is given to an imported model so that it holds the world's facts
-# (analyses/retrofit.md, run r5: r3's memory and rates, 1,200 replayed answers of the base with 4 of every
-# 16 rows). `world` is the fact world it is held to (smviz world flags).
+# (analyses/retrofit.md, run r10: r3's memory and rates, 2,400 replayed answers of the base in 4 of every
+# 16 rows, 4 corpus rows, and the base's whole distribution distilled on those 8 at weight 4, 500 steps). `world` is the fact world it is held to (smviz world flags).
 RETROFIT_RECIPES: dict[str, dict[str, Any]] = {
     "smollm2": dict(
-        config=dict(steps=400, batch_size=16, lr=3e-3, warmup_steps=10, fact_share=0.7, world_copies=4,
-                    replay=1200, replay_share=0.25, eval_every=200, eval_facts=20, usage_rows=16, log_every=20,
+        config=dict(steps=500, batch_size=16, lr=3e-3, warmup_steps=10, fact_share=0.5, world_copies=4,
+                    replay=2400, replay_share=0.25, distill=4.0, eval_every=200, eval_facts=20, usage_rows=16, log_every=20,
                     checkpoint_every=100, prompt_format="chat",
                     memory={"n_keys": 128, "layers": [24], "value_lr_mult": 10}),
         world=dict(n_known=20, n_bio_only=5, n_new=20),
