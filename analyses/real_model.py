@@ -38,6 +38,7 @@ from smviz.analysis.continual import at_learning, forgetting_curve
 from smviz.analysis.runs import Run
 from smviz.errors import SmvizError
 from smviz.io import write_json_atomic, write_png_atomic, write_text_atomic
+from smviz.model.format import model_dir_hash
 from smviz.stats import STATS_FILE
 from smviz.train import FinetuneConfig
 from smviz.train.rundir import FinetuneRunDir
@@ -87,14 +88,18 @@ def runs_dir(args: argparse.Namespace) -> Path:
     return Path(args.runs or Path(args.workspace) / "real_model")
 
 
-def run_setting(args: argparse.Namespace, method: str, lr: float) -> dict[str, Any]:
+def run_setting(args: argparse.Namespace, model_hash: str, method: str, lr: float) -> dict[str, Any]:
     ws = Path(args.workspace)
     key = f"{method}-{OPTIMIZER[method]}-lr{lr:g}"
     run_dir = runs_dir(args) / key
     config = FinetuneConfig(method=method, optimizer=OPTIMIZER[method], lr=lr, top_t=args.top_t, batch_size=args.batch_size,
                             steps_per_fact=args.steps_per_fact, eval_every=args.eval_every, seed=args.seed)
     t0 = time.time()
-    summary = FinetuneRunDir(run_dir).summary() or run_finetune(  # a finished run is read back, not reloaded
+    summary = FinetuneRunDir(run_dir).summary()  # a finished run is read back, not reloaded: so check it is this one
+    if summary is not None and (summary["base_model_hash"], summary["config"]) != (model_hash, json.loads(json.dumps(config.resolved().to_dict()))):
+        raise SmvizError(f"{run_dir} is a finished run of another model ({summary['base_model_hash']}, this one {model_hash}) "
+                         "or another setting; move it away or choose another --runs")
+    summary = summary or run_finetune(
         args.model, run_dir, config, stream=ws / "data" / "facts-new.jsonl", max_facts=args.facts,
         known=ws / "data" / "facts-known.jsonl", known_facts=args.known_facts,
         heldout=ws / "data" / "corpus-heldout.jsonl", heldout_rows=args.heldout_rows, seq_len=args.seq_len,
@@ -229,10 +234,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SmvizError(f"{path} is missing; see this script's docstring for the commands that make it")
 
     t0 = time.time()
+    model_hash = model_dir_hash(args.model)
     runs = []
     for method in args.methods.split(","):
         print(f"{LABEL[method]}: lr {', '.join(f'{lr:g}' for lr in LRS[method])}", flush=True)
-        runs += [run_setting(args, method, lr) for lr in LRS[method]]
+        runs += [run_setting(args, model_hash, method, lr) for lr in LRS[method]]
     methods = sorted({r["method"] for r in runs}, key=METHODS.index)
     chosen = {m: choose([r for r in runs if r["method"] == m]) for m in methods}
     reach = min(r["stream_em_max"] for r in chosen.values())
