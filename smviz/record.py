@@ -30,16 +30,20 @@ from tqdm.auto import tqdm
 
 from smviz.data.documents import Document, read_documents
 from smviz.data.tokenizer import right_pad
+from smviz.distributed import any_rank
 from smviz.errors import ConfigError, InputError, TraceError
 from smviz.model import MemoryModel
 from smviz.trace import Trace, TraceWriter, accesses_table, model_meta, tokens_table
 
-__all__ = ["DEFAULT_CONTEXT", "DEFAULT_MAX_DOC_CHARS", "AccessRecorder", "Document", "RecordedBatch", "chunk_spans",
+__all__ = ["DEFAULT_CONTEXT", "DEFAULT_MAX_DOC_CHARS", "DEFAULT_SHARD_TOKENS", "AccessRecorder", "Document", "RecordedBatch", "chunk_spans",
            "read_documents", "record_texts"]
 
 DEFAULT_CONTEXT = 128
 """Tokens per window when recording text: the sequence length the built-in models are trained on
 (longer windows would put tokens at positions the model never saw). Capped by the model's limit."""
+
+DEFAULT_SHARD_TOKENS = 32_768
+"""Tokens per trace shard, about: the unit of resuming and of splitting a recording over processes."""
 
 DEFAULT_MAX_DOC_CHARS = 1_000_000
 """The longest document `record_texts` takes by default (characters, about a 500-page book): a file
@@ -237,12 +241,14 @@ def record_texts(
     context: int | None = None,
     stride: int | None = None,
     batch_size: int = 16,
-    shard_tokens: int = 32_768,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
     force: bool = False,
     progress: bool = True,
     on_progress: Callable[[float], None] | None = None,
     max_doc_chars: int = DEFAULT_MAX_DOC_CHARS,
     stop_after_shards: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Trace | None:
     """Record `documents` through `model` into a trace at `out` (see module docstring); returns it.
 
@@ -251,7 +257,12 @@ def record_texts(
     is written. After every batch of windows the progress bar (`progress`) and `on_progress(done)`
     get the number of documents recorded so far, fractional inside a document. A partial recording
     of the same documents with the same model and settings is resumed; one of anything else is
-    discarded. `stop_after_shards` stops early (returns None), as an interruption would."""
+    discarded. `stop_after_shards` stops early (returns None), as an interruption would.
+
+    Under torchrun (`rank` of `world_size`, torch.distributed initialised) every process tokenises the
+    documents to the same shard plan and records shards rank, rank + world_size, …; the trace is
+    the one a single process writes, file for file, and each process resumes its own shards. The
+    progress bar and `on_progress` follow this process's documents."""
     tokenizer = tokenizer if tokenizer is not None else model.require_tokenizer("recording text")
     if not documents:
         raise InputError("there are no documents to record")
@@ -275,13 +286,16 @@ def record_texts(
         "source": dict(source or {"kind": "documents"}) | {"documents": len(documents)},
         "recording": {"context": context, "stride": stride, "batch_size": batch_size, "shard_tokens": shard_tokens},
     }
-    writer = TraceWriter(out, meta, force=force)
-    next_doc = writer.state().get("next_doc", 0)
+    groups = plan_shards(tokenizer, documents, shard_tokens)
+    writer = TraceWriter(out, meta, force=force, rank=rank, world_size=world_size)
+    mine = list(range(rank, len(groups), world_size))
+    n_mine = sum(groups[g][1] - groups[g][0] for g in mine)
+    done_before = sum(groups[g][1] - groups[g][0] for g in mine if writer.done(g))
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(documents), initial=next_doc, desc="record", unit="doc", disable=not progress,
+    bar = tqdm(total=n_mine, initial=done_before, desc="record", unit="doc", disable=not progress or rank != 0,
                bar_format="{l_bar}{bar}| {n:.2f}/{total_fmt} docs [{elapsed}<{remaining}{postfix}]")
 
     def report(done: float) -> None:
@@ -289,31 +303,45 @@ def record_texts(
         if on_progress is not None:
             on_progress(done)
 
+    stopped, written = False, 0
     try:
-        while next_doc < len(documents):
-            group_end, encoded = _next_group(tokenizer, documents, next_doc, shard_tokens)
-            tokens, accesses = _record_group(model, recorder_layers, documents, next_doc, encoded, writer.next_row,
-                                             context, stride, batch_size, pad, device, report)
-            writer.write(tokens, accesses, {"next_doc": group_end})
-            report(group_end)
-            next_doc = group_end
-            if stop_after_shards is not None and writer.n_shards >= stop_after_shards and next_doc < len(documents):
-                return None
+        offset = done_before  # this process's documents recorded before the group at hand
+        for g in (g for g in mine if not writer.done(g)):
+            first, end, first_row = groups[g]
+            encoded = [tokenizer(documents[i].text, add_special_tokens=False, return_offsets_mapping=True)
+                       for i in range(first, end)]
+            base = offset - first
+            tokens, accesses = _record_group(model, recorder_layers, documents, first, encoded, first_row,
+                                             context, stride, batch_size, pad, device, lambda d: report(base + d))
+            writer.write(tokens, accesses, shard=g)
+            offset += end - first
+            report(offset)
+            written += 1
+            if stop_after_shards is not None and sum(writer.done(s) for s in mine) >= stop_after_shards and offset < n_mine:
+                stopped = True
+                break
     finally:
         bar.close()
         model.train(was_training)
-    return writer.finish(len(documents))
+    if any_rank(stopped, world_size):  # every process stops, or none waits for the others in finish
+        return None
+    return Trace.load(writer.finish(len(documents), n_shards=len(groups)), verify=False)
 
 
-def _next_group(tokenizer: Any, documents: Sequence[Document], first: int, shard_tokens: int) -> tuple[int, list[dict[str, Any]]]:
-    """Tokenise documents from `first` until about shard_tokens tokens (at least one document)."""
-    encoded, total, i = [], 0, first
-    while i < len(documents) and (i == first or total < shard_tokens):
-        enc = tokenizer(documents[i].text, add_special_tokens=False, return_offsets_mapping=True)
-        encoded.append(enc)
-        total += len(enc["input_ids"])
-        i += 1
-    return i, encoded
+def plan_shards(tokenizer: Any, documents: Sequence[Document], shard_tokens: int) -> list[tuple[int, int, int]]:
+    """The recording's shards as (first document, end document, first token row): documents in order,
+    each shard about `shard_tokens` tokens (at least one document). Every process of a distributed
+    recording computes the same plan, so shards, rows and files do not depend on the process count."""
+    plan, first, total, row, lengths = [], 0, 0, 0, []
+    for start in range(0, len(documents), 1024):  # token counts only, in chunks: bounded memory
+        texts = [d.text for d in documents[start : start + 1024]]
+        lengths += [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    for i, n in enumerate(lengths):
+        total += n
+        if total >= shard_tokens or i == len(lengths) - 1:
+            plan.append((first, i + 1, row))
+            first, row, total = i + 1, row + total, 0
+    return plan
 
 
 def _record_group(

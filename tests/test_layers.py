@@ -14,7 +14,7 @@ MAX_LINES = 400
 
 # DESIGN.md, "Layout (the house, series 2)": lowest first. Keys are module prefixes; the longest wins.
 LAYERS = {
-    "smviz.errors": 1, "smviz.config": 1, "smviz.io": 1, "smviz.lazy": 1, "smviz.device": 1, "smviz.workspace.layout": 1,
+    "smviz.errors": 1, "smviz.config": 1, "smviz.io": 1, "smviz.lazy": 1, "smviz.device": 1, "smviz.distributed": 1, "smviz.workspace.layout": 1,
     "smviz.memory": 2,
     "smviz.model": 3,
     "smviz.data": 4,

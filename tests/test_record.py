@@ -1,11 +1,16 @@
 """Recording: the recorded reads equal a brute-force recomputation from the layer's own query and
 keys, padding is never recorded, hooks never outlive the block, long documents are windowed with
 every token recorded once (and as a direct forward of its window would read it), bad input writes
-nothing, and an interrupted recording resumes to the same trace."""
+nothing, an interrupted recording resumes to the same trace, and two torchrun processes write the
+single process's trace file for file."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -300,3 +305,55 @@ def test_recording_under_a_file_is_a_write_error_and_changes_nothing(model, tmp_
         record_texts(model, [Document("a", "Some text.")], blocker / "t", progress=False)
     assert "\n" not in str(err.value)
     assert listing(tmp_path) == before and blocker.read_text() == "not a folder"
+
+
+DRIVER = """
+import sys
+from smviz.distributed import distributed_from_env
+from smviz.model import MemoryModel
+from smviz.record import read_documents, record_texts
+
+model_dir, texts, out, stop = sys.argv[1:5]
+documents, source = read_documents(texts)
+with distributed_from_env("cpu") as (rank, world_size, device):
+    model = MemoryModel.from_pretrained(model_dir, device=device)
+    got = record_texts(model, documents, out, source=source, context=32, batch_size=4, shard_tokens=100, progress=False,
+                       stop_after_shards=int(stop), rank=rank, world_size=world_size)
+    assert got is None, "the recording was to stop early"
+"""
+
+
+def test_two_torchrun_processes_record_the_single_process_trace_file_for_file(saved_model, articles, tmp_path):
+    """Issue 19: ranks record disjoint shards and one trace results, identical byte for byte (every
+    Parquet file and meta.json) to one process's; an interrupted two-process recording resumes each
+    rank's own shards without recording the finished ones again."""
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"id": f"a{i}", "text": a.text[:300]}) + "\n" for i, a in enumerate(articles[:12])))
+    args = ["record", "--model", str(saved_model), "--input", str(texts), "--context", "32", "--batch-size", "4",
+            "--shard-tokens", "100", "--device", "cpu", "--json"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+
+    def run(cmd):
+        done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    run([sys.executable, "-m", "smviz", *args, "--out", str(tmp_path / "one")])
+    (tmp_path / "driver.py").write_text(DRIVER)
+    run([*torchrun, str(tmp_path / "driver.py"), str(saved_model), str(texts), str(tmp_path / "two"), "1"])
+    partial = tmp_path / ".two.partial"
+    progress = sorted(p.name for p in (partial / "progress").iterdir())
+    assert progress == ["part-00000.json", "part-00001.json"]  # one shard each: rank 0 took shard 0, rank 1 shard 1
+    stamps = {p.name: p.stat().st_mtime_ns for p in (partial / "accesses").iterdir()}
+    out = run([*torchrun, "-m", "smviz", *args, "--out", str(tmp_path / "two")])
+    one, two = tmp_path / "one", tmp_path / "two"
+    files = sorted(str(p.relative_to(one)) for p in one.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(two)) for p in two.rglob("*") if p.is_file())
+    assert len([f for f in files if f.startswith("accesses/")]) >= 4 and "meta.json" in files
+    for f in files:
+        assert (one / f).read_bytes() == (two / f).read_bytes(), f
+    assert {n: (two / "accesses" / n).stat().st_mtime_ns for n in stamps} == stamps  # resumed, not recorded again
+    assert not partial.exists() and json.loads(out)["tokens"] == Trace.load(two).n_tokens  # printed once, by rank 0

@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         "record",
         help="record which memory slots every token of a text file reads, into a trace",
         description="Documents longer than --context are read in windows --stride tokens apart; every token is "
-        "recorded once. An interrupted recording resumes when the same command is run again.",
+        "recorded once. An interrupted recording resumes when the same command is run again. Under torchrun "
+        "(torchrun --nproc-per-node N -m smviz record ...) the processes record disjoint shards and write the "
+        "trace one process would, file for file.",
     )
     p.add_argument("--model", required=True, help="model directory")
     p.add_argument("--input", required=True, help="JSONL file: one {\"text\": ..., \"id\": ...} per line, or a facts file (statements and Q/A)")
@@ -137,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None, help="tokens per window (default 128, capped by the model)")
     p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default context/2)")
     p.add_argument("--batch-size", type=int, default=16, help="windows per forward pass")
+    p.add_argument("--shard-tokens", type=int, default=None, metavar="N",
+                   help="about N tokens per trace shard, the unit of resuming and of splitting over processes "
+                        "(default: smviz.record.DEFAULT_SHARD_TOKENS)")
     p.add_argument("--max-doc-chars", type=int, default=None, metavar="N",
                    help="refuse a document longer than N characters before recording anything "
                         "(default: smviz.record.DEFAULT_MAX_DOC_CHARS, a million)")

@@ -96,17 +96,21 @@ def cmd_world(args: argparse.Namespace) -> None:
 
 
 def cmd_record(args: argparse.Namespace) -> None:
-    from smviz.device import resolve_device
+    from smviz.distributed import distributed_from_env
     from smviz.model import MemoryModel
     from smviz.record import read_documents, record_texts
 
     documents, source = read_documents(args.input)  # bad input fails here, before anything is loaded or written
-    model = MemoryModel.from_pretrained(args.model, device=resolve_device(args.device))
-    trace = record_texts(
-        model, documents, args.out, source=source, layers=args.layers, context=args.context, stride=args.stride,
-        batch_size=args.batch_size, force=args.force,
-        **({} if args.max_doc_chars is None else {"max_doc_chars": args.max_doc_chars}),
-    )
+    with distributed_from_env(args.device) as (rank, world_size, device):
+        model = MemoryModel.from_pretrained(args.model, device=device)
+        trace = record_texts(
+            model, documents, args.out, source=source, layers=args.layers, context=args.context, stride=args.stride,
+            batch_size=args.batch_size, force=args.force, rank=rank, world_size=world_size,
+            **({} if args.max_doc_chars is None else {"max_doc_chars": args.max_doc_chars}),
+            **({} if args.shard_tokens is None else {"shard_tokens": args.shard_tokens}),
+        )
+    if rank != 0:
+        return
     info = {"path": str(trace.path), "model_hash": trace.model_hash, "documents": trace.n_docs,
             "tokens": trace.n_tokens, "accesses": trace.n_accesses, "layers": trace.layers}
     if args.json:
@@ -236,7 +240,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_stats(args: argparse.Namespace) -> None:
-    from smviz.stats import distributed_from_env, format_usage
+    from smviz.distributed import distributed_from_env
+    from smviz.stats import format_usage
     from smviz.workspace.stages import background_stats, stats_path
 
     with distributed_from_env(args.device) as (rank, world_size, device):

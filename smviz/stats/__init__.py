@@ -13,7 +13,7 @@ Interrupted runs leave `<out stem>.partial-r{rank}of{world}.safetensors` (tag
 `smviz-slot-stats-partial/1`, plus `next_batch` and `fingerprint`), which `SlotStats.load` refuses.
 """
 
-from smviz.stats.background import check_run_settings, count_batches, distributed_from_env, partial_path
+from smviz.stats.background import check_run_settings, count_batches, partial_path
 from smviz.stats.counting import (
     StatsCollector,
     batch_counts,
@@ -36,6 +36,6 @@ from smviz.stats.tfidf import rank, tfidf, top_slots
 __all__ = [
     "FORMAT", "PARTIAL_FORMAT", "STATS_FILE", "UNITS",
     "SlotStats", "StatsCollector", "batch_counts", "check_run_settings", "collect_stats", "count_batches",
-    "distributed_from_env", "document_counts", "idf", "format_usage", "forward_documents", "merge_protocols",
+    "document_counts", "idf", "format_usage", "forward_documents", "merge_protocols",
     "partial_path", "rank", "tfidf", "top_slots",
 ]

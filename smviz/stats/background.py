@@ -1,5 +1,5 @@
 """Counting a long series of background batches into `SlotStats` (`count_batches`): resumable from a
-partial file, and split over processes under torchrun (`distributed_from_env`) with an exact
+partial file, and split over processes under torchrun (`smviz.distributed`) with an exact
 all-reduce. Which batches a workspace model counts is the stats stage's business
 (`smviz.workspace.stages`)."""
 
@@ -9,14 +9,13 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from smviz.device import resolve_device
+from smviz.distributed import is_distributed
 from smviz.io import write_bytes_atomic
 from smviz.stats.counting import StatsCollector, model_inputs
 from smviz.errors import StatsError
@@ -46,7 +45,7 @@ def check_run_settings(
     if not 0 <= rank < world_size:
         raise StatsError(f"rank {rank} is not in 0..{world_size - 1}")
     if world_size > 1:
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        if not is_distributed():
             raise StatsError("world_size > 1 needs an initialised torch.distributed process group (run under torchrun)")
         if stop_after is not None:
             raise StatsError("stop_after is for single-process runs")
@@ -155,27 +154,3 @@ def _all_reduce(stats: SlotStats, device: torch.device) -> None:
     stats.counts = flat[:size].view_as(stats.counts).clone()
     stats.df = flat[size : 2 * size].view_as(stats.df).clone()
     stats.n_docs, stats.n_tokens = (int(v) for v in flat[2 * size :])
-
-
-@contextmanager
-def distributed_from_env(device: str = "auto") -> Iterator[tuple[int, int, torch.device]]:
-    """(rank, world_size, device) of this process. Under torchrun (WORLD_SIZE > 1) initialises
-    torch.distributed — nccl on cuda:LOCAL_RANK when the device resolves to CUDA, else gloo on CPU —
-    and destroys the process group on exit; otherwise (0, 1, resolve_device(device))."""
-    resolved = resolve_device(device)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        yield 0, 1, resolved
-        return
-    dist = torch.distributed
-    rank = int(os.environ["RANK"])
-    if resolved.type == "cuda":
-        resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(resolved)
-    backend = "nccl" if resolved.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
-    log.info("rank %d of %d on %s (%s)", rank, world_size, resolved, backend)
-    try:
-        yield rank, world_size, resolved
-    finally:
-        dist.destroy_process_group()

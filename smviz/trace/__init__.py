@@ -1,4 +1,4 @@
-"""Traces: which memory slots every recorded token read. `Trace` and `TraceWriter` (`trace`), the
+"""Traces: which memory slots every recorded token read. `Trace` (`trace`) and `TraceWriter` (`writer`), the
 inverted index `SlotIndex` (`index`) and the on-disk format of a trace directory — its file names,
 column schemas and table builders (`format`). Everything public is importable from here."""
 
@@ -20,7 +20,8 @@ from smviz.trace.format import (
     tokens_table,
 )
 from smviz.trace.index import SlotIndex
-from smviz.trace.trace import Trace, TraceWriter
+from smviz.trace.trace import Trace
+from smviz.trace.writer import TraceWriter
 
 __all__ = [
     "ACCESSES_SCHEMA", "ACCESS_COLUMNS", "INDEX_DIR", "INDEX_FORMAT", "META_FILE", "SCHEMAS", "SlotIndex", "TABLES",

@@ -10,8 +10,8 @@
     entities/KEY.parquet          the entity spans of the trace's documents, one file per NER
                                   pipeline (`smviz.analysis.entities`), built on first use
 
-While recording, shards fill a hidden sibling `.NAME.partial/` (with progress.json, the resume
-point) that becomes `NAME` when meta.json is written. Also here: the column schemas and the builders
+While recording, shards fill a hidden sibling `.NAME.partial/` (with progress/part-NNNNN.json, one
+record per finished shard: the resume point) that becomes `NAME` when meta.json is written. Also here: the column schemas and the builders
 of a shard's two tables.
 """
 
@@ -35,7 +35,7 @@ INDEX_FORMAT = "smviz-slot-index/2"
 """/2 added the `ranks` array; a cache of another format is rebuilt (`SlotIndex.for_trace`)."""
 
 META_FILE = "meta.json"
-PROGRESS_FILE = "progress.json"
+PROGRESS_DIR = "progress"
 TABLES = ("tokens", "accesses")
 """The two tables; each is a folder of that name holding one Parquet file per shard."""
 INDEX_DIR = "index"

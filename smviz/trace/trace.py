@@ -1,11 +1,7 @@
-"""`Trace` — which memory slots every recorded token read, on disk or in memory — and `TraceWriter`,
-which writes one shard by shard (the directory's files are `smviz.trace.format`'s).
-
-Shards are written while recording goes on, so a corpus whose trace is larger than memory records
-with bounded RAM; they fill a hidden `.NAME.partial` directory that becomes `NAME` only when
-meta.json is written, so a trace that loads is whole, and an interrupted recording resumes from its
-last finished shard (`TraceWriter`). Loading checks every shard's size and (by default) sha256 and
-reads Parquet through a memory map on first use; `iter_shards()` streams one shard at a time.
+"""`Trace` — which memory slots every recorded token read, on disk or in memory (the directory's files
+are `smviz.trace.format`'s, written by `smviz.trace.writer.TraceWriter`). Loading checks every shard's
+size and (by default) sha256 and reads Parquet through a memory map on first use; `iter_shards()`
+streams one shard at a time; a directory an interrupted recording left is named as such.
 
 A token's `text` is the document's characters from the previous recorded token's end to this
 token's end, so joining the texts of a document's tokens gives back the document; `start`/`end` are
@@ -14,10 +10,7 @@ the tokenizer's (whitespace-trimmed) offsets of the token itself.
 
 from __future__ import annotations
 
-import json
-import logging
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,16 +23,12 @@ import pyarrow.parquet as pq
 import torch
 
 from smviz.errors import TraceError
-from smviz.io import atomic_open, ensure_dir, replace_dir, write_error, write_json_atomic
 from smviz.model.layers import resolve_layer
 from smviz.trace.format import (
     META_FILE,
-    PROGRESS_FILE,
     SCHEMAS,
     TABLES,
     TRACE_FORMAT,
-    column_descriptions,
-    digest,
     file_digest,
     float_weights,
     part_name,
@@ -47,96 +36,11 @@ from smviz.trace.format import (
     read_json,
 )
 from smviz.trace.index import SlotIndex
+from smviz.trace.writer import TraceWriter
 from smviz.usage import usage_metrics
 
 if TYPE_CHECKING:
     from smviz.model import MemoryModel
-
-log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- writing
-
-
-class TraceWriter:
-    """Writes a trace shard by shard into `.NAME.partial/` beside `path`; `finish()` writes meta.json
-    and moves the directory into place. A writer opened on a partial directory left by an interrupted
-    recording of the same thing (same `meta`) continues after its last finished shard; `state()`
-    returns what the caller stored with that shard (e.g. the next document to record)."""
-
-    def __init__(self, path: str | os.PathLike, meta: dict[str, Any], *, force: bool = False, resume: bool = True) -> None:
-        self.path = Path(path)
-        if self.path.exists() and not force:
-            raise TraceError(f"{self.path} already exists; pass force (--force) to replace it")
-        if self.path.exists() and not (self.path / META_FILE).is_file():
-            raise TraceError(f"{self.path} exists and is not a trace; refusing to replace it")
-        self.meta = dict(meta)
-        self.partial = partial_dir(self.path)
-        self._fingerprint = digest(json.dumps(self.meta, sort_keys=True).encode())
-        progress = read_json(self.partial / PROGRESS_FILE)
-        if resume and isinstance(progress, dict) and progress.get("fingerprint") == self._fingerprint:
-            self._shards: list[dict[str, Any]] = progress["shards"]
-            self._state: dict[str, Any] = progress["state"]
-            log.info("resuming the recording in %s after %d shards", self.partial, len(self._shards))
-        else:
-            if self.partial.exists():
-                log.info("discarding %s: it was recorded with other settings", self.partial)
-            shutil.rmtree(self.partial, ignore_errors=True)
-            self._shards, self._state = [], {}
-        for table in TABLES:
-            ensure_dir(self.partial / table)
-
-    @property
-    def n_shards(self) -> int:
-        return len(self._shards)
-
-    @property
-    def next_row(self) -> int:
-        return sum(s["tokens"] for s in self._shards)
-
-    def state(self) -> dict[str, Any]:
-        return dict(self._state)
-
-    def write(self, tokens: pa.Table, accesses: pa.Table, state: dict[str, Any] | None = None) -> None:
-        """Append one shard (tokens rows must continue at `next_row`); `state` is kept for resuming."""
-        rows = tokens.column("row").to_numpy()
-        if len(rows) and rows[0] != self.next_row:
-            raise TraceError(f"shard starts at row {rows[0]}, expected {self.next_row}")
-        token_col = accesses.column("token").to_numpy()
-        if len(token_col) and (np.any(np.diff(token_col) < 0) or token_col[0] < self.next_row or token_col[-1] >= self.next_row + len(rows)):
-            raise TraceError("accesses must be sorted by token and refer to this shard's rows")
-        name = part_name(len(self._shards))
-        entry: dict[str, Any] = {"name": name, "tokens": tokens.num_rows, "accesses": accesses.num_rows, "files": {}}
-        for table_name, table in (("tokens", tokens), ("accesses", accesses)):
-            target = self.partial / table_name / name
-            with atomic_open(target, "wb") as f:
-                pq.write_table(table.cast(SCHEMAS[table_name]), f, compression="zstd")
-            entry["files"][table_name] = {"bytes": target.stat().st_size, "sha256": file_digest(target)}
-        self._shards.append(entry)
-        self._state = dict(state or {})
-        write_json_atomic(self.partial / PROGRESS_FILE, {"fingerprint": self._fingerprint, "shards": self._shards, "state": self._state})
-
-    def finish(self, n_docs: int, extra: dict[str, Any] | None = None) -> Trace:
-        """Write meta.json, move the trace into place (replacing an older trace at `path`), load it.
-        `n_docs` counts the source's documents, those that gave no token included."""
-        meta = dict(self.meta) | dict(extra or {})
-        meta |= {
-            "format": TRACE_FORMAT,
-            "counts": {
-                "docs": n_docs,
-                "tokens": self.next_row,
-                "accesses": sum(s["accesses"] for s in self._shards),
-            },
-            "shards": self._shards,
-            "columns": column_descriptions(),
-        }
-        write_json_atomic(self.partial / META_FILE, meta)
-        try:
-            (self.partial / PROGRESS_FILE).unlink(missing_ok=True)
-            replace_dir(self.partial, self.path)
-        except OSError as e:
-            raise write_error(self.path, e) from None
-        return Trace.load(self.path, verify=False)
 
 
 # --------------------------------------------------------------------------- reading
@@ -209,7 +113,7 @@ class Trace:
         writer = TraceWriter(path, base, force=force, resume=False)
         for tokens, accesses in self.iter_shards():
             writer.write(tokens, accesses)
-        return writer.finish(self.n_docs)
+        return Trace.load(writer.finish(self.n_docs), verify=False)
 
     # ---- what it holds
 
