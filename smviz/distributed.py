@@ -59,3 +59,10 @@ def any_rank(flag: bool, world_size: int) -> bool:
     value = torch.tensor([int(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def all_reduce_sum(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    """`tensor` summed over every process, in place (and returned); itself in one process."""
+    if world_size > 1:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    return tensor

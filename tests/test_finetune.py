@@ -13,6 +13,9 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
 from itertools import product
 from pathlib import Path
 
@@ -868,3 +871,41 @@ def test_lora_adapts_gpt2_conv1d_layers_and_the_audit_agrees(ws, world, tmp_path
     assert changed == {f"{m.removeprefix('lm.')}.weight" for m in conv} and not audit["violation"].any()
     assert audit[audit["parameter"].isin(changed)]["allowed"].all()
     assert set(diff_models(before, merged).violations["parameter"]) == changed  # allowed nothing: each is a violation
+
+
+@pytest.mark.parametrize("method, flags", [("sparse", []), ("full", ["--optimizer", "adamw", "--lr", "1e-3"]),
+                                           ("lora", ["--optimizer", "adamw", "--lr", "1e-2"])])
+def test_two_torchrun_processes_train_what_one_process_trains(ws, tmp_path, method, flags):
+    """Issue 19: under torchrun (gloo, 2 processes) each rank steps on half of every batch, read counts
+    and gradients are summed, and the run equals one process's on the whole batch: the same rows
+    selected at every step (sparse), the same evaluations, the same trained weights up to the order of
+    float sums (the loss is a sum of two halves, not one mean)."""
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    runs = {}
+    for procs in (1, 2):
+        out = tmp_path / f"run{procs}"
+        launch = [sys.executable, "-m", "smviz"] if procs == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "smviz"]
+        done = subprocess.run([*launch, *cli_args(ws, out, "--method", method, *flags, "--json")], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == json.loads((out / "summary.json").read_text())  # printed once, by rank 0
+        runs[procs] = out
+    one, two = (FinetuneRunDir(runs[p]) for p in (1, 2))
+    m1, m2 = one.metrics(), two.metrics()
+    assert [r["step"] for r in m1] == [r["step"] for r in m2] == [0, 2, 3]
+    assert m1[0] == m2[0]  # before training: the same model, evaluated once (rank 0)
+    s1, s2 = (pq.read_table(r / "steps.parquet").to_pandas() for r in runs.values())
+    assert s1["selected"].map(list).tolist() == s2["selected"].map(list).tolist()
+    assert s1["accessed"].tolist() == s2["accessed"].tolist()  # the counts of the whole batch, on both ranks
+    assert np.allclose(s1["loss"], s2["loss"], rtol=1e-5)
+    if method == "sparse":
+        assert all(len(s) == 8 for s in s1["selected"])
+    w1 = MemoryModel.from_pretrained(runs[1] / "model").state_dict()
+    w2 = MemoryModel.from_pretrained(runs[2] / "model").state_dict()
+    base = MemoryModel.from_pretrained(ws.model("m")).state_dict()
+    moved = [k for k in w1 if not torch.equal(w1[k], base[k])]
+    assert moved and all(torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-5) for k in w1)  # not bitwise: sums differ in order
+    assert max((w1[k] - w2[k]).abs().max().item() for k in moved) < 1e-4 * max(w1[k].abs().max().item() for k in moved)

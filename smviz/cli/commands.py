@@ -120,7 +120,7 @@ def cmd_record(args: argparse.Namespace) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
-    from smviz.device import resolve_device
+    from smviz.distributed import distributed_from_env
     from smviz.train import FinetuneConfig
     from smviz.workspace import Workspace
     from smviz.workspace.stages import parse_probes, run_finetune
@@ -131,13 +131,16 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     def existing(path: Any) -> Any:  # a workspace default that is there
         return path if path.is_file() else None
 
-    summary = run_finetune(
-        args.model, args.out, config, stream=args.stream or ws.facts("new"), stream_format=args.stream_format,
-        known=args.known or existing(ws.facts("known")), heldout=args.heldout or existing(ws.corpus("heldout")),
-        learn_eval=args.learn_eval, forget_eval=parse_probes(args.forget_eval), prompt_format=args.prompt_format,
-        max_facts=args.max_facts, first_fact=args.first_fact, background=args.background, known_facts=args.known_facts,
-        heldout_rows=args.heldout_rows, device=resolve_device(args.device),
-    )
+    with distributed_from_env(args.device) as (rank, world_size, device):  # under torchrun: one update, rank 0 writes
+        summary = run_finetune(
+            args.model, args.out, config, stream=args.stream or ws.facts("new"), stream_format=args.stream_format,
+            known=args.known or existing(ws.facts("known")), heldout=args.heldout or existing(ws.corpus("heldout")),
+            learn_eval=args.learn_eval, forget_eval=parse_probes(args.forget_eval), prompt_format=args.prompt_format,
+            max_facts=args.max_facts, first_fact=args.first_fact, background=args.background, known_facts=args.known_facts,
+            heldout_rows=args.heldout_rows, device=device, rank=rank, world_size=world_size,
+        )
+    if rank != 0:
+        return
     if args.json:
         print_json(summary)
         return

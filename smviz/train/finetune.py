@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from smviz.data.formats.canonical import canonical_dict
+from smviz.distributed import barrier
 from smviz.errors import ConfigError, RunError
 from smviz.evaluate.protocol import EvalSets, score_point, summarize
 from smviz.io import json_text
@@ -43,13 +44,20 @@ def finetune(
     stats: SlotStats | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, Any] | None:
     """Learn `stream` with `config.method`, evaluating on `eval_sets`; write the run directory and
     return summary.json's content. A run directory of the same run resumes from its last resume point
     (and a finished one returns its summary); one of another run is refused. `stats` (the model's
     background statistics) is required by methods that rank against them (sparse, kl). `stop_after`
     ends after that many steps of this call (returns None), as an interruption would. The model is
-    changed in place."""
+    changed in place.
+
+    Under torchrun (`rank` of `world_size`, torch.distributed initialised) every process takes rows
+    rank, rank + world_size, … of each batch and `Trainer` sums what must be summed, so all hold the
+    same model after every step; rank 0 alone evaluates and writes the run directory (the others
+    wait for it at the next step), and every process returns the summary."""
     config = config.resolved()
     run = FinetuneRunDir(run_dir)
     check_inputs(model, config, stats)
@@ -69,18 +77,26 @@ def finetune(
     summary = run.summary()
     if summary is not None:
         return summary
-    run.write_identity(identity)
-    run.write_stream([canonical_dict(stream.kind, item) for item in stream.items])
+    if world_size > 1 and config.batch_size < world_size:
+        raise RunError(f"batch_size {config.batch_size} is smaller than the {world_size} processes; each needs rows")
+    barrier(world_size)  # every process has checked the directory before rank 0 writes into it
+    writes = rank == 0
+    if writes:
+        run.write_identity(identity)
+        run.write_stream([canonical_dict(stream.kind, item) for item in stream.items])
 
     device = model.device
     model.eval()  # see module docstring: frozen normalisation statistics, no dropout, no aux loss
-    trainer = Trainer(model, config, stats, device)
+    trainer = Trainer(model, config, stats, device, world_size=world_size)
     start = restore(trainer, run)
     steps_rows = run.steps(start)
-    run.truncate_metrics(start if start else -1)  # starting over: step 0 is evaluated again below
-    run.truncate_questions(start if start else -1)
+    if writes:
+        run.truncate_metrics(start if start else -1)  # starting over: step 0 is evaluated again below
+        run.truncate_questions(start if start else -1)
 
     def evaluate(step: int, seen: int) -> None:
+        if not writes:
+            return
         metrics, questions = score_point(model, eval_sets, seen)
         run.append_metrics({"step": step, **metrics})
         run.append_questions({"step": step, **questions})
@@ -90,30 +106,34 @@ def finetune(
 
     n_steps = len(stream)
     done_now = 0
-    bar = tqdm(total=n_steps, initial=start, desc=f"finetune ({config.method})", unit="step", disable=not progress)
+    bar = tqdm(total=n_steps, initial=start, desc=f"finetune ({config.method})", unit="step", disable=not progress or not writes)
     try:
         for step in range(start, n_steps):
-            batch = {k: v.to(device) for k, v in stream.batch(step).items()}
+            batch = {k: v[rank::world_size].to(device) for k, v in stream.batch(step).items()}
             loss, selections, grad_norms = trainer.step(batch, step)
             steps_rows += step_rows(step + 1, stream.item(step).id, stream.item_index(step), loss, selections, grad_norms)
-            if trainer.trains_rows:
+            if trainer.trains_rows and writes:
                 run.write_delta(step + 1, trainer.delta(selections))
             bar.set_postfix(loss=f"{loss:.3f}", selected=sum(len(s.rows) for s in selections.values()))
             bar.update()
             done, done_now = step + 1, done_now + 1
-            if done % config.eval_every == 0 or done == n_steps:
+            if writes and (done % config.eval_every == 0 or done == n_steps):
                 seen = stream.item_index(step) + 1
                 evaluate(done, seen)
                 run.write_steps(steps_rows)
                 layout, tensors = trainer.state()
                 run.save_state({"step": done, **layout}, tensors)
-            if config.checkpoint_every and done % config.checkpoint_every == 0:
+            if writes and config.checkpoint_every and done % config.checkpoint_every == 0:
                 trainer.final_model().save_pretrained(run.checkpoint_dir(done))
             if stop_after is not None and done_now >= stop_after and done < n_steps:
+                barrier(world_size)  # rank 0's resume point is on disk before anyone leaves
                 return None
     finally:
         bar.close()
 
+    if not writes:
+        barrier(world_size)  # rank 0 saves the model and the summary
+        return run.summary()
     records = run.metrics()
     final_hash = trainer.final_model().save_pretrained(run.model_dir)
     summary = {
@@ -132,6 +152,7 @@ def finetune(
         "protocol": eval_sets.describe(),
     }
     run.write_summary(summary)
+    barrier(world_size)
     return summary
 
 

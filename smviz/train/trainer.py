@@ -18,11 +18,13 @@ from typing import Any, NamedTuple
 
 import torch
 
+from smviz.distributed import all_reduce_sum
 from smviz.errors import RunError
 from smviz.model import MemoryModel
 from smviz.stats import SlotStats, batch_counts
 from smviz.train import lora
 from smviz.train.config import FinetuneConfig
+from smviz.train.data import IGNORE_INDEX
 from smviz.train.methods import ADAPTERS, ALL_PARAMETERS, VALUE_ROWS
 from smviz.train.row_optim import RowAdamW, RowSGD
 from smviz.train.rundir import OPTIMIZER, TRAINABLE
@@ -43,10 +45,17 @@ class StepResult(NamedTuple):
 
 class Trainer:
     """Trains `model` in place with `config` (resolved: `FinetuneConfig.resolved()`); `stats` are the
-    model's background statistics, which a method that ranks against them needs."""
+    model's background statistics, which a method that ranks against them needs.
 
-    def __init__(self, model: MemoryModel, config: FinetuneConfig, stats: SlotStats | None, device: torch.device) -> None:
-        self.model, self.config, self.device = model, config, device
+    Under torchrun (`world_size` > 1) each process steps on its part of the global batch: the read
+    counts are summed over processes before selection (so all pick the same rows), the loss is each
+    process's token sum over the global token count, and the gradients — the (t, v_dim) rows of a
+    value-row method, every trainable parameter's of full finetuning and LoRA — are summed, so every
+    process makes the single process's update on the whole batch (equal up to the order of float sums)."""
+
+    def __init__(self, model: MemoryModel, config: FinetuneConfig, stats: SlotStats | None, device: torch.device,
+                 world_size: int = 1) -> None:
+        self.model, self.config, self.device, self.world_size = model, config, device, world_size
         self.trains = config.spec.trains
         self.peft_model = None
         if self.trains == VALUE_ROWS:
@@ -99,7 +108,7 @@ class Trainer:
                     trainables[block] = stack.enter_context(layer.value_table.train_rows())
 
                 def read(layer_module, indices, weights, mask, block=block):
-                    counts = batch_counts(indices, mask, n_slots)
+                    counts = all_reduce_sum(batch_counts(indices, mask, n_slots), self.world_size)
                     if rows:
                         chosen = self.selector.select(block, counts, step)
                         layer_module.value_table.choose_rows(chosen.rows)
@@ -110,8 +119,7 @@ class Trainer:
                     selections[block] = chosen
 
                 stack.callback(layer.add_access_hook(read).remove)
-            loss = self.model(**batch).loss
-            value = loss.item()
+            loss, value = self._loss(batch)
             if not math.isfinite(value):
                 raise RunError(f"step {step + 1}: the training loss is {value} (not finite): the run diverged; "
                                "lower the learning rate (--lr) and start it again in a new run directory")
@@ -120,7 +128,8 @@ class Trainer:
             if rows:
                 for block, layer in self.model.memory_layers.items():
                     t = trainables[block]
-                    train, grad = t.rows, t.delta.grad
+                    train = t.rows
+                    grad = all_reduce_sum(t.delta.grad if t.delta.grad is not None else torch.zeros_like(t.delta), self.world_size)
                     if self.selector.rule.ranks_gradient and len(train):  # every read row has a gradient: keep top_t
                         selections[block], keep = selections[block].by_gradient(grad, self.config.top_t)
                         train, grad = train[keep], grad[keep]
@@ -128,12 +137,28 @@ class Trainer:
                     if len(train):
                         self.row_optimizers[block].step(layer.value_table.weight, train, grad)
         if not rows:
+            if self.world_size > 1:
+                for p in self.trainable.values():
+                    p.grad = all_reduce_sum(p.grad if p.grad is not None else torch.zeros_like(p), self.world_size)
             grads = [p.grad for p in self.trainable.values() if p.grad is not None]
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item() if grads else 0.0
             grad_norms = dict.fromkeys(selections, norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return StepResult(value, selections, grad_norms)
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, float]:
+        """(the loss to backpropagate, the batch's mean token loss). One process: the model's mean
+        over its batch. Several: this process's token sum over the global number of target tokens."""
+        out = self.model(**batch)
+        if self.world_size == 1:
+            return out.loss, out.loss.item()
+        n_local = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        local_sum = out.loss * n_local if n_local else out.logits.sum() * 0.0  # no targets here: nothing to add
+        totals = all_reduce_sum(torch.stack([local_sum.detach().double(), torch.tensor(float(n_local), dtype=torch.float64,
+                                                                                       device=local_sum.device)]), self.world_size)
+        n_global = float(totals[1])
+        return local_sum / max(n_global, 1.0), float(totals[0]) / max(n_global, 1.0)
 
     # ---- deltas and resume state (the run directory stores them: smviz.train.rundir)
 

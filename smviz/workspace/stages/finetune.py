@@ -50,6 +50,8 @@ def run_finetune(
     device: torch.device | str = "cpu",
     progress: bool = True,
     stop_after: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, Any] | None:
     """Finetune the model in `model_dir` on the stream in the file `stream` (`max_facts` items from
     number `first_fact` on; its format detected unless `stream_format` names it) into `run_dir`.
@@ -62,7 +64,8 @@ def run_finetune(
     questions are put to the model. Sparse methods rank against the model's background statistics
     (`background="pretraining"`: its slot_stats.safetensors), against the stream's own batches
     (`"stream"`, the paper's Fig. 7 ablation) or against a statistics file of the model (a path: e.g. a
-    background of corpus text only, `background_stats(mixture="corpus")`). Every input is read and checked before anything is written."""
+    background of corpus text only, `background_stats(mixture="corpus")`). Every input is read and checked before anything is written.
+    Under torchrun every process calls it with its `rank` (`smviz.train.finetune`: one update, rank 0 writes)."""
     config = config.resolved()
     background_file = None if background in BACKGROUNDS else Path(background)
     if background_file is not None and not background_file.is_file():
@@ -118,7 +121,7 @@ def run_finetune(
     elif config.sparse and (Path(model_dir) / STATS_FILE).is_file():
         stats = SlotStats.load_for_model(model_dir, model)
     return finetune(model, train_stream, config=config, run_dir=run_dir, eval_sets=sets, stats=stats, progress=progress,
-                    stop_after=stop_after)
+                    stop_after=stop_after, rank=rank, world_size=world_size)
 
 
 def source(path: str | os.PathLike) -> dict[str, str]:
