@@ -203,3 +203,46 @@ def test_check_model_refuses_other_models(setting, tmp_path):
     wider = MemoryModel.from_preset("micro", seed=0, vocab_size=len(model.tokenizer), knn=8)
     with pytest.raises(TraceError, match=r"different memory config \(differs in \['knn'\]\)"):
         trace.check_model(wider)
+
+
+def test_the_duckdb_index_answers_exactly_as_the_in_memory_one(setting, monkeypatch):
+    """Issue 19: the out-of-core index (DuckDB over Parquet) gives the in-memory SlotIndex's answers to
+    every query, on the same multi-shard trace; Trace.slot_index takes it when the in-memory index
+    would not fit the budget (SMVIZ_INDEX_MEMORY), and builds it once."""
+    from smviz.trace.duck import BY_SLOT, DuckSlotIndex
+
+    root, _, docs, trace = setting
+    memory = SlotIndex.build(trace)
+    monkeypatch.setenv("SMVIZ_INDEX_MEMORY", "0")
+    fresh = Trace.load(root / "t")
+    duck = fresh.slot_index()
+    assert isinstance(duck, DuckSlotIndex) and len(trace.meta["shards"]) >= 3
+    layer = trace.layers[0]
+    assert np.array_equal(duck.slot_counts(), memory.slot_counts())
+    assert np.array_equal(duck.reading_tokens(), memory.reading_tokens())
+    counts = memory.slot_counts()
+    rng = np.random.default_rng(0)
+    slots = np.concatenate([np.argsort(-counts, kind="stable")[:20], rng.choice(trace.n_slots, 30, replace=False),
+                            np.flatnonzero(counts == 0)[:3]])  # unread slots, where the micro memory has any
+    for slot in map(int, slots):
+        assert duck.count(slot, layer) == memory.count(slot, layer)
+        for query in ("slot_weights", "slot_rows", "slot_heads", "slot_ranks"):
+            a, b = getattr(duck, query)(slot, layer), getattr(memory, query)(slot, layer)
+            assert a.dtype == b.dtype and np.array_equal(a, b), (query, slot)
+        for x, y in zip(duck.readers(slot), memory.readers(slot)):
+            assert np.array_equal(x, y)
+    for slot in map(int, slots[:5]):
+        pd.testing.assert_frame_equal(duck.contexts(slot, n=7, window=3), memory.contexts(slot, n=7, window=3))
+    for doc, (start, end) in ((0, (0, 5)), ("art3", (2, 40)), (len(docs) - 1, (0, 10_000))):
+        pd.testing.assert_frame_equal(duck.slots_for(doc, start, end), memory.slots_for(doc, start, end))
+    rows = rng.choice(trace.n_tokens, 25, replace=False)
+    pd.testing.assert_frame_equal(duck.reads_of_rows(rows), memory.reads_of_rows(rows))
+    pd.testing.assert_frame_equal(duck.reads_of_rows([]), memory.reads_of_rows([]))
+    with pytest.raises(TraceError, match="out of range"):
+        duck.slot_weights(trace.n_slots)
+    built = (root / "t" / "index" / "duck" / BY_SLOT).stat().st_mtime_ns
+    assert isinstance(Trace.load(root / "t").slot_index(), DuckSlotIndex)
+    assert (root / "t" / "index" / "duck" / BY_SLOT).stat().st_mtime_ns == built  # reused, not built again
+    monkeypatch.setenv("SMVIZ_INDEX_MEMORY", "a lot")
+    with pytest.raises(ConfigError, match="SMVIZ_INDEX_MEMORY"):
+        Trace.load(root / "t").slot_index()

@@ -120,26 +120,26 @@ class SlotIndex:
 
     def slot_weights(self, slot: int, layer: int | None = None) -> np.ndarray:
         """The weights of every read of `slot` (float32, in token order)."""
-        return np.asarray(self.weights[self._span(slot, layer)], dtype=np.float32)
+        return np.asarray(self._slot_reads(slot, layer)["weights"], dtype=np.float32)
 
     def slot_ranks(self, slot: int, layer: int | None = None) -> np.ndarray:
         """The place in its head's top-k (int16, 0 = highest score) of every read of `slot`, in token order."""
-        return np.asarray(self.ranks[self._span(slot, layer)])
+        return np.asarray(self._slot_reads(slot, layer)["ranks"], dtype=np.int16)
 
     def slot_rows(self, slot: int, layer: int | None = None) -> np.ndarray:
         """The token row (int32) of every read of `slot`, in token order (a row repeats once per head)."""
-        return np.asarray(self.rows[self._span(slot, layer)])
+        return np.asarray(self._slot_reads(slot, layer)["rows"], dtype=np.int32)
 
     def slot_heads(self, slot: int, layer: int | None = None) -> np.ndarray:
         """The memory head (int16) of every read of `slot`, in token order."""
-        return np.asarray(self.heads[self._span(slot, layer)])
+        return np.asarray(self._slot_reads(slot, layer)["heads"], dtype=np.int16)
 
     def readers(self, slot: int, layer: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The tokens that read `slot`: (rows int64 ascending, weight float64 = the sum of the token's
         reads of the slot over heads, reads int64 = how many heads read it)."""
-        span = self._span(slot, layer)
-        rows, inverse = np.unique(np.asarray(self.rows[span]), return_inverse=True)
-        weight = np.bincount(inverse, weights=np.asarray(self.weights[span], dtype=np.float64), minlength=len(rows))
+        reads = self._slot_reads(slot, layer)
+        rows, inverse = np.unique(np.asarray(reads["rows"]), return_inverse=True)
+        weight = np.bincount(inverse, weights=np.asarray(reads["weights"], dtype=np.float64), minlength=len(rows))
         return rows.astype(np.int64), weight, np.bincount(inverse, minlength=len(rows)).astype(np.int64)
 
     def reading_tokens(self, layer: int | None = None) -> np.ndarray:
@@ -164,12 +164,7 @@ class SlotIndex:
         rows = np.unique(np.asarray(rows, dtype=np.int64))
         if len(rows) and (rows[0] < 0 or rows[-1] >= self.trace.n_tokens):
             raise TraceError(f"token rows must lie in [0, {self.trace.n_tokens}), got {rows[0]}..{rows[-1]}")
-        token_col = self._access_tokens()
-        starts = token_col.searchsorted(rows.astype(token_col.dtype))
-        ends = token_col.searchsorted((rows + 1).astype(token_col.dtype))
-        lengths = ends - starts
-        take = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(lengths.sum())
-        df = float_weights(self.trace.accesses.take(pa.array(take)).to_pandas()).rename(columns={"token": "row"})
+        df = self._accesses_of_rows(rows).rename(columns={"token": "row"})
         return df if layer is None else df[df["layer"] == self.trace.resolve_layer(layer)].reset_index(drop=True)
 
     def contexts(self, slot: int, n: int = 20, window: int = 8, layer: int | None = None) -> pd.DataFrame:
@@ -230,9 +225,7 @@ class SlotIndex:
             held = f"positions {int(positions.min())}..{int(positions.max())}" if len(positions) else "no tokens"
             raise TraceError(f"document {doc!r} has {held}; [{start}, {end}) holds none of them")
         r0, r1 = lo + int(inside[0]), lo + int(inside[-1]) + 1
-        token_col = self._access_tokens()
-        a, b = token_col.searchsorted(np.array([r0, r1], dtype=token_col.dtype))  # same dtype: no copy of the column
-        df = float_weights(self.trace.accesses.slice(int(a), int(b - a)).to_pandas()).rename(columns={"token": "row"})
+        df = self._accesses_between(r0, r1).rename(columns={"token": "row"})
         if layer is not None:
             df = df[df["layer"] == layer]
         df.insert(1, "position", tok["position"][df["row"].to_numpy()])
@@ -255,7 +248,27 @@ class SlotIndex:
             }
         return self._tokens
 
-    # ---- internals
+    # ---- internals: where the reads come from (`smviz.trace.duck.DuckSlotIndex` answers them with SQL)
+
+    def _slot_reads(self, slot: int, layer: int | None) -> dict[str, np.ndarray]:
+        """The reads of `slot` in token order: arrays rows, weights, heads, ranks."""
+        span = self._span(slot, layer)
+        return {"rows": self.rows[span], "weights": self.weights[span], "heads": self.heads[span], "ranks": self.ranks[span]}
+
+    def _accesses_between(self, r0: int, r1: int) -> pd.DataFrame:
+        """The accesses of token rows r0..r1-1 (the table's columns and order, weights as float32)."""
+        token_col = self._access_tokens()
+        a, b = token_col.searchsorted(np.array([r0, r1], dtype=token_col.dtype))  # same dtype: no copy of the column
+        return float_weights(self.trace.accesses.slice(int(a), int(b - a)).to_pandas())
+
+    def _accesses_of_rows(self, rows: np.ndarray) -> pd.DataFrame:
+        """The accesses of the given token rows (ascending, distinct), in the table's order."""
+        token_col = self._access_tokens()
+        starts = token_col.searchsorted(rows.astype(token_col.dtype))
+        ends = token_col.searchsorted((rows + 1).astype(token_col.dtype))
+        lengths = ends - starts
+        take = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths) + np.arange(lengths.sum())
+        return float_weights(self.trace.accesses.take(pa.array(take)).to_pandas())
 
     def _key(self, slot: int, layer: int | None) -> int:
         layer = self.trace.resolve_layer(layer)

@@ -35,6 +35,7 @@ from smviz.trace.format import (
     partial_dir,
     read_json,
 )
+from smviz.trace.duck import DuckSlotIndex, fits_in_memory
 from smviz.trace.index import SlotIndex
 from smviz.trace.writer import TraceWriter
 from smviz.usage import usage_metrics
@@ -213,9 +214,14 @@ class Trace:
                              "record a trace with this model (an unsaved model has no hash: save or load it first)")
 
     def slot_index(self) -> SlotIndex:
-        """The inverted index slot → token rows; cached in `index/` of an on-disk trace."""
+        """The inverted index slot → token rows; cached in `index/` of an on-disk trace. An on-disk
+        trace whose in-memory index would not fit `smviz.trace.duck.index_memory_budget()` gets the
+        DuckDB one (same answers, bounded memory)."""
         if self._index is None:
-            self._index = SlotIndex.for_trace(self)
+            if self.path is not None and self.meta["shards"] and not fits_in_memory(self.n_accesses):
+                self._index = DuckSlotIndex.for_trace(self)
+            else:
+                self._index = SlotIndex.for_trace(self)
         return self._index
 
     def resolve_layer(self, layer: int | None) -> int:
