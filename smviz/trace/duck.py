@@ -134,6 +134,16 @@ class DuckSlotIndex(SlotIndex):
                                [self.trace.resolve_layer(layer), int(slot)]).fetchnumpy()
         return {"rows": got["token"], "weights": got["weight"], "heads": got["head"], "ranks": got["rank"]}
 
+    def _top_readers(self, slot: int, n: int, layer: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # summed in SQL: a popular slot's millions of reads never leave DuckDB (float64 sums of at most
+        # `heads` float16 weights are exact, so the order of summation cannot change them)
+        self._key(slot, layer)
+        got = self.con.execute("SELECT token, sum(weight::DOUBLE) AS weight, count(*) AS reads FROM by_slot WHERE layer = ? "
+                               "AND slot = ? GROUP BY token ORDER BY weight DESC, token LIMIT ?",
+                               [self.trace.resolve_layer(layer), int(slot), int(n)]).fetchnumpy()
+        return (np.asarray(got["token"], dtype=np.int64), np.asarray(got["weight"], dtype=np.float64),
+                np.asarray(got["reads"], dtype=np.int64))
+
     def _accesses_between(self, r0: int, r1: int) -> pd.DataFrame:
         return self._frame(self.con.execute("SELECT token, layer, head, rank, slot, weight FROM accesses WHERE token >= ? "
                                             "AND token < ? ORDER BY token, layer, head, rank", [int(r0), int(r1)]))

@@ -177,12 +177,11 @@ class SlotIndex:
         text of the following token of the document, '' at its end). Ties in weight go to the earlier row."""
         if n < 1 or window < 0:
             raise TraceError(f"n must be >= 1 and window >= 0, got n={n}, window={window}")
-        rows, weight, reads = self.readers(slot, layer)
-        top = np.lexsort((rows, -weight))[:n]
-        df = self.context_rows(rows[top], window)
-        df.insert(0, "rank", np.arange(len(top)))
-        df.insert(6, "weight", weight[top])
-        df.insert(7, "reads", reads[top])
+        rows, weight, reads = self._top_readers(slot, n, layer)
+        df = self.context_rows(rows, window)
+        df.insert(0, "rank", np.arange(len(rows)))
+        df.insert(6, "weight", weight)
+        df.insert(7, "reads", reads)
         return df
 
     def context_rows(self, rows: np.ndarray, window: int = 8) -> pd.DataFrame:
@@ -254,6 +253,12 @@ class SlotIndex:
         """The reads of `slot` in token order: arrays rows, weights, heads, ranks."""
         span = self._span(slot, layer)
         return {"rows": self.rows[span], "weights": self.weights[span], "heads": self.heads[span], "ranks": self.ranks[span]}
+
+    def _top_readers(self, slot: int, n: int, layer: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`readers` of the n tokens with the most weight, most first (ties: the earlier row)."""
+        rows, weight, reads = self.readers(slot, layer)
+        top = np.lexsort((rows, -weight))[:n]
+        return rows[top], weight[top], reads[top]
 
     def _accesses_between(self, r0: int, r1: int) -> pd.DataFrame:
         """The accesses of token rows r0..r1-1 (the table's columns and order, weights as float32)."""
