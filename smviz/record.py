@@ -11,14 +11,15 @@ into windows `stride` tokens apart and records each token once — in the first 
 it, so every token after the first window has at least `context - stride` tokens of left context
 (the strided evaluation of Hugging Face's perplexity guide). Documents are recorded in groups of
 about `shard_tokens` tokens, one trace shard per group, so an interrupted recording resumes after
-its last shard; progress advances with every batch of windows. The documents themselves come from
-`smviz.data.documents` (re-exported here).
+its last shard; progress advances with every batch of windows. The documents, their windows
+(`chunk_spans`) and shards (`plan_shards`) come from `smviz.data.documents` (re-exported here).
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,19 +29,24 @@ import torch
 from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
-from smviz.data.documents import Document, read_documents
+from smviz.data.documents import Document, chunk_spans, plan_shards, read_documents
 from smviz.data.tokenizer import right_pad
 from smviz.distributed import any_rank
 from smviz.errors import ConfigError, InputError, TraceError
 from smviz.model import MemoryModel
 from smviz.trace import Trace, TraceWriter, accesses_table, model_meta, tokens_table
+from smviz.trace.format import part_name
+from smviz.trace.summary import PARTS_DIR, merge_parts, shard_summary, write_part
 
-__all__ = ["DEFAULT_CONTEXT", "DEFAULT_MAX_DOC_CHARS", "DEFAULT_SHARD_TOKENS", "AccessRecorder", "Document", "RecordedBatch", "chunk_spans",
-           "read_documents", "record_texts"]
+__all__ = ["DEFAULT_CONTEXT", "DEFAULT_MAX_DOC_CHARS", "DEFAULT_SHARD_TOKENS", "DEFAULT_SUMMARY", "AccessRecorder", "Document",
+           "RecordedBatch", "chunk_spans", "plan_shards", "read_documents", "record_texts"]
 
 DEFAULT_CONTEXT = 128
 """Tokens per window when recording text: the sequence length the built-in models are trained on
 (longer windows would put tokens at positions the model never saw). Capped by the model's limit."""
+
+DEFAULT_SUMMARY = 20
+"""Reading tokens a summary keeps per slot, twice: the N of most weight and a uniform sample of N."""
 
 DEFAULT_SHARD_TOKENS = 32_768
 """Tokens per trace shard, about: the unit of resuming and of splitting a recording over processes."""
@@ -215,21 +221,6 @@ def _token_texts(tokenizer: Any, token_id: np.ndarray) -> list[str]:
 # --------------------------------------------------------------------------- recording documents
 
 
-def chunk_spans(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
-    """Windows (start, end, first) over a document of n_tokens: the model reads tokens start..end-1
-    and tokens first..end-1 are recorded from this window. Consecutive windows start `stride` apart;
-    every token is recorded exactly once."""
-    if not 1 <= stride <= context:
-        raise ConfigError(f"stride must lie in [1, context={context}], got {stride}")
-    spans, start, done = [], 0, 0
-    while done < n_tokens:
-        end = min(start + context, n_tokens)
-        spans.append((start, end, done))
-        done = end
-        start += stride
-    return spans
-
-
 def record_texts(
     model: MemoryModel,
     documents: Sequence[Document],
@@ -249,6 +240,8 @@ def record_texts(
     stop_after_shards: int | None = None,
     rank: int = 0,
     world_size: int = 1,
+    summary: int | None = None,
+    summary_only: bool = False,
 ) -> Trace | None:
     """Record `documents` through `model` into a trace at `out` (see module docstring); returns it.
 
@@ -262,7 +255,11 @@ def record_texts(
     Under torchrun (`rank` of `world_size`, torch.distributed initialised) every process tokenises the
     documents to the same shard plan and records shards rank, rank + world_size, …; the trace is
     the one a single process writes, file for file, and each process resumes its own shards. The
-    progress bar and `on_progress` follow this process's documents."""
+    progress bar and `on_progress` follow this process's documents.
+
+    `summary` N streams per-slot summaries into the trace (`smviz.trace.summary`: counts, the top N
+    and a uniform sample of N reading tokens per slot); `summary_only` keeps only them and the tokens
+    (N defaults to DEFAULT_SUMMARY), not every read."""
     tokenizer = tokenizer if tokenizer is not None else model.require_tokenizer("recording text")
     if not documents:
         raise InputError("there are no documents to record")
@@ -273,6 +270,9 @@ def record_texts(
         where = f"{source['name']}: " if source and source.get("name") else ""
         raise InputError(f"{where}document {too_long.id!r} has {len(too_long.text):,} characters, more than "
                          f"max_doc_chars={max_doc_chars:,}; split it into smaller documents or raise the limit")
+    summary = DEFAULT_SUMMARY if summary_only and summary is None else summary
+    if summary is not None and summary < 1:
+        raise ConfigError(f"summary must be >= 1 (contexts kept per slot), got {summary}")
     limit = getattr(model.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
     context = min(DEFAULT_CONTEXT, limit) if context is None else context
     stride = max(1, context // 2) if stride is None else stride
@@ -284,7 +284,8 @@ def record_texts(
     recorder_layers = AccessRecorder(model, layers).layers
     meta = model_meta(model, recorder_layers) | {
         "source": dict(source or {"kind": "documents"}) | {"documents": len(documents)},
-        "recording": {"context": context, "stride": stride, "batch_size": batch_size, "shard_tokens": shard_tokens},
+        "recording": {"context": context, "stride": stride, "batch_size": batch_size, "shard_tokens": shard_tokens,
+                      **({"summary": summary, "summary_only": summary_only} if summary else {})},
     }
     groups = plan_shards(tokenizer, documents, shard_tokens)
     writer = TraceWriter(out, meta, force=force, rank=rank, world_size=world_size)
@@ -311,9 +312,14 @@ def record_texts(
             encoded = [tokenizer(documents[i].text, add_special_tokens=False, return_offsets_mapping=True)
                        for i in range(first, end)]
             base = offset - first
-            tokens, accesses = _record_group(model, recorder_layers, documents, first, encoded, first_row,
-                                             context, stride, batch_size, pad, device, lambda d: report(base + d))
-            writer.write(tokens, accesses, shard=g)
+            tokens, docs, slots, weights = _record_group(model, recorder_layers, documents, first, encoded, first_row,
+                                                         context, stride, batch_size, pad, device, lambda d: report(base + d))
+            if summary:
+                rows = np.arange(first_row, first_row + len(docs))
+                write_part(writer.partial, part_name(g), shard_summary(rows, docs, recorder_layers, slots, weights,
+                                                                        model.memory_config.n_slots, summary))
+            kept = slice(0, 0) if summary_only else slice(None)  # summary-only: empty accesses shards
+            writer.write(tokens, accesses_table(first_row, recorder_layers, slots[kept], weights[kept]), shard=g)
             offset += end - first
             report(offset)
             written += 1
@@ -325,32 +331,23 @@ def record_texts(
         model.train(was_training)
     if any_rank(stopped, world_size):  # every process stops, or none waits for the others in finish
         return None
-    return Trace.load(writer.finish(len(documents), n_shards=len(groups)), verify=False)
+    def merge(partial: Any, names: list[str]) -> dict[str, Any]:
+        entry = merge_parts(partial, names, recorder_layers, model.memory_config.n_slots, summary)
+        shutil.rmtree(partial / PARTS_DIR)
+        return {"summary": entry | {"only": summary_only}}
 
-
-def plan_shards(tokenizer: Any, documents: Sequence[Document], shard_tokens: int) -> list[tuple[int, int, int]]:
-    """The recording's shards as (first document, end document, first token row): documents in order,
-    each shard about `shard_tokens` tokens (at least one document). Every process of a distributed
-    recording computes the same plan, so shards, rows and files do not depend on the process count."""
-    plan, first, total, row, lengths = [], 0, 0, 0, []
-    for start in range(0, len(documents), 1024):  # token counts only, in chunks: bounded memory
-        texts = [d.text for d in documents[start : start + 1024]]
-        lengths += [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    for i, n in enumerate(lengths):
-        total += n
-        if total >= shard_tokens or i == len(lengths) - 1:
-            plan.append((first, i + 1, row))
-            first, row, total = i + 1, row + total, 0
-    return plan
+    path = writer.finish(len(documents), n_shards=len(groups), prepare=merge if summary else None)
+    return Trace.load(path, verify=False)
 
 
 def _record_group(
     model: MemoryModel, layers: list[int], documents: Sequence[Document], first: int, encoded: list[dict[str, Any]],
     row0: int, context: int, stride: int, batch_size: int, pad: int, device: torch.device,
     report: Callable[[float], None],
-) -> tuple[Any, Any]:
-    """Run the group's windows through the model and build its tokens and accesses tables; after each
-    batch, `report` gets the documents done (`first` plus each finished window's share of its document)."""
+) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray]:
+    """Run the group's windows through the model: its tokens table and, per token, its document, slots
+    and weights ((n, layers, heads, knn)); after each batch, `report` gets the documents done (`first`
+    plus each finished window's share of its document)."""
     spans = [chunk_spans(len(enc["input_ids"]), context, stride) for enc in encoded]
     windows = [(d, s, e, f) for d, doc_spans in enumerate(spans) for s, e, f in doc_spans]
     done = [first + d + (j + 1) / len(doc_spans) for d, doc_spans in enumerate(spans) for j in range(len(doc_spans))]
@@ -395,6 +392,4 @@ def _record_group(
         row0, doc + first, [documents[first + d].id for d in doc], pos, np.asarray(token_id), text,
         np.asarray(start), np.asarray(end),
     )
-    slots = np.concatenate([k[2] for k in kept])
-    weights = np.concatenate([k[3] for k in kept])
-    return tokens, accesses_table(row0, layers, slots, weights)
+    return tokens, doc + first, np.concatenate([k[2] for k in kept]), np.concatenate([k[3] for k in kept])

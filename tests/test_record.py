@@ -318,14 +318,14 @@ documents, source = read_documents(texts)
 with distributed_from_env("cpu") as (rank, world_size, device):
     model = MemoryModel.from_pretrained(model_dir, device=device)
     got = record_texts(model, documents, out, source=source, context=32, batch_size=4, shard_tokens=100, progress=False,
-                       stop_after_shards=int(stop), rank=rank, world_size=world_size)
+                       stop_after_shards=int(stop), rank=rank, world_size=world_size, summary=3)
     assert got is None, "the recording was to stop early"
 """
 
 
 def test_two_torchrun_processes_record_the_single_process_trace_file_for_file(saved_model, articles, tmp_path):
     """Issue 19: ranks record disjoint shards and one trace results, identical byte for byte (every
-    Parquet file and meta.json) to one process's; an interrupted two-process recording resumes each
+    Parquet file, the slot summaries and meta.json) to one process's; an interrupted two-process recording resumes each
     rank's own shards without recording the finished ones again."""
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1",
@@ -333,7 +333,7 @@ def test_two_torchrun_processes_record_the_single_process_trace_file_for_file(sa
     texts = tmp_path / "texts.jsonl"
     texts.write_text("".join(json.dumps({"id": f"a{i}", "text": a.text[:300]}) + "\n" for i, a in enumerate(articles[:12])))
     args = ["record", "--model", str(saved_model), "--input", str(texts), "--context", "32", "--batch-size", "4",
-            "--shard-tokens", "100", "--device", "cpu", "--json"]
+            "--shard-tokens", "100", "--summary", "3", "--device", "cpu", "--json"]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 
     def run(cmd):
@@ -353,6 +353,7 @@ def test_two_torchrun_processes_record_the_single_process_trace_file_for_file(sa
     files = sorted(str(p.relative_to(one)) for p in one.rglob("*") if p.is_file())
     assert files == sorted(str(p.relative_to(two)) for p in two.rglob("*") if p.is_file())
     assert len([f for f in files if f.startswith("accesses/")]) >= 4 and "meta.json" in files
+    assert "summary/contexts.parquet" in files  # the slot summaries, merged from both ranks' shards
     for f in files:
         assert (one / f).read_bytes() == (two / f).read_bytes(), f
     assert {n: (two / "accesses" / n).stat().st_mtime_ns for n in stamps} == stamps  # resumed, not recorded again

@@ -142,6 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-tokens", type=int, default=None, metavar="N",
                    help="about N tokens per trace shard, the unit of resuming and of splitting over processes "
                         "(default: smviz.record.DEFAULT_SHARD_TOKENS)")
+    p.add_argument("--summary", type=int, default=None, metavar="N",
+                   help="also stream per-slot summaries into the trace: reads, weight, documents, distinct tokens, "
+                        "and the N reading tokens of most weight plus a uniform sample of N (smviz.trace.summary)")
+    p.add_argument("--summary-only", action="store_true",
+                   help="keep the summaries and the tokens, not every read: O(slots x N) on disk instead of "
+                        "O(tokens x heads x k); N from --summary (default smviz.record.DEFAULT_SUMMARY)")
     p.add_argument("--max-doc-chars", type=int, default=None, metavar="N",
                    help="refuse a document longer than N characters before recording anything "
                         "(default: smviz.record.DEFAULT_MAX_DOC_CHARS, a million)")

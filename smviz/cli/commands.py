@@ -105,18 +105,23 @@ def cmd_record(args: argparse.Namespace) -> None:
         model = MemoryModel.from_pretrained(args.model, device=device)
         trace = record_texts(
             model, documents, args.out, source=source, layers=args.layers, context=args.context, stride=args.stride,
-            batch_size=args.batch_size, force=args.force, rank=rank, world_size=world_size,
+            batch_size=args.batch_size, force=args.force, rank=rank, world_size=world_size, summary=args.summary,
+            summary_only=args.summary_only,
             **({} if args.max_doc_chars is None else {"max_doc_chars": args.max_doc_chars}),
             **({} if args.shard_tokens is None else {"shard_tokens": args.shard_tokens}),
         )
     if rank != 0:
         return
     info = {"path": str(trace.path), "model_hash": trace.model_hash, "documents": trace.n_docs,
-            "tokens": trace.n_tokens, "accesses": trace.n_accesses, "layers": trace.layers}
+            "tokens": trace.n_tokens, "accesses": trace.n_accesses, "layers": trace.layers,
+            "summary": trace.meta.get("summary")}
     if args.json:
         print_json(info)
     else:
-        print(f"recorded {trace.n_docs:,} documents, {trace.n_tokens:,} tokens, {trace.n_accesses:,} accesses → {trace.path}")
+        summary = trace.meta.get("summary")
+        kept = (f"per-slot summaries of {summary['reads']:,} reads (top and sample {summary['keep']})"
+                + ("" if summary["only"] else f", {trace.n_accesses:,} accesses") if summary else f"{trace.n_accesses:,} accesses")
+        print(f"recorded {trace.n_docs:,} documents, {trace.n_tokens:,} tokens, {kept} → {trace.path}")
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:

@@ -1,6 +1,8 @@
 """Documents to record: `Document` (an id and its text, defined in `smviz.data.schema`) and
 `read_documents`, the reader of the JSONL files `smviz record` takes — plain texts, or a facts file whose facts become their statements and
-their questions as Q/A text (document ids by `smviz.data.facts.fact_doc_id`)."""
+their questions as Q/A text (document ids by `smviz.data.facts.fact_doc_id`) — and how a recording cuts
+them: into windows of the model's context (`chunk_spans`) and into shards of about a number of tokens
+(`plan_shards`)."""
 
 from __future__ import annotations
 
@@ -8,12 +10,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from smviz.data.facts import QUESTION, STATEMENT, fact_doc_id, qa_text, read_facts
 from smviz.data.formats.registry import read_text
 from smviz.data.schema import Document
-from smviz.errors import InputError
+from smviz.errors import ConfigError, InputError
 
 
 def read_documents(path: str | os.PathLike) -> tuple[list[Document], dict[str, Any]]:
@@ -68,3 +71,34 @@ def _parse_line(path: Path, number: int, line: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise InputError(f"{path}:{number}: expected a JSON object")
     return obj
+
+
+def chunk_spans(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows (start, end, first) over a document of n_tokens: the model reads tokens start..end-1
+    and tokens first..end-1 are recorded from this window. Consecutive windows start `stride` apart;
+    every token is recorded exactly once."""
+    if not 1 <= stride <= context:
+        raise ConfigError(f"stride must lie in [1, context={context}], got {stride}")
+    spans, start, done = [], 0, 0
+    while done < n_tokens:
+        end = min(start + context, n_tokens)
+        spans.append((start, end, done))
+        done = end
+        start += stride
+    return spans
+
+
+def plan_shards(tokenizer: Any, documents: Sequence[Document], shard_tokens: int) -> list[tuple[int, int, int]]:
+    """The recording's shards as (first document, end document, first token row): documents in order,
+    each shard about `shard_tokens` tokens (at least one document). Every process of a distributed
+    recording computes the same plan, so shards, rows and files do not depend on the process count."""
+    plan, first, total, row, lengths = [], 0, 0, 0, []
+    for start in range(0, len(documents), 1024):  # token counts only, in chunks: bounded memory
+        texts = [d.text for d in documents[start : start + 1024]]
+        lengths += [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    for i, n in enumerate(lengths):
+        total += n
+        if total >= shard_tokens or i == len(lengths) - 1:
+            plan.append((first, i + 1, row))
+            first, row, total = i + 1, row + total, 0
+    return plan

@@ -37,6 +37,7 @@ from smviz.trace.format import (
 )
 from smviz.trace.duck import DuckSlotIndex, fits_in_memory
 from smviz.trace.index import SlotIndex
+from smviz.trace.summary import FILES as SUMMARY_FILES, SUMMARY_DIR, SummarySlotIndex
 from smviz.trace.writer import TraceWriter
 from smviz.usage import usage_metrics
 
@@ -60,6 +61,7 @@ class Trace:
         self._shards = shards  # in-memory shards; None: read from `path`
         self._tables: dict[str, pa.Table] = {}
         self._index: SlotIndex | None = None
+        self._summary: SummarySlotIndex | None = None
 
     # ---- construction
 
@@ -104,6 +106,10 @@ class Trace:
                         raise TraceError(f"{f} is truncated or altered ({f.stat().st_size} bytes, {expected['bytes']} recorded); record the trace again")
                     if verify and file_digest(f) != expected["sha256"]:
                         raise TraceError(f"{f} is corrupted (sha256 differs from {META_FILE}); record the trace again")
+            for name, expected in (meta.get("summary") or {"files": {}})["files"].items():
+                f = path / SUMMARY_DIR / SUMMARY_FILES[name]
+                if not f.is_file() or f.stat().st_size != expected["bytes"] or (verify and file_digest(f) != expected["sha256"]):
+                    raise TraceError(f"{f} is missing, truncated or altered; record the trace again")
         except (KeyError, TypeError) as e:
             raise TraceError(f"{path}/{META_FILE} is malformed ({e!r})") from None
         return cls(meta, path=path)
@@ -152,13 +158,29 @@ class Trace:
         if self._shards is not None:
             yield from self._shards
             return
+        self._check_reads()
         for shard in self.meta["shards"]:
             yield self._read("tokens", shard["name"]), self._read("accesses", shard["name"])
+
+    @property
+    def summary_only(self) -> bool:
+        """Recorded with --summary-only: per-slot summaries and the tokens, not every read."""
+        return bool((self.meta.get("summary") or {}).get("only"))
+
+    def slot_summary(self) -> SummarySlotIndex:
+        """The per-slot summaries of a trace recorded with --summary or --summary-only."""
+        if self.path is None or not self.meta.get("summary"):
+            raise TraceError("this trace has no slot summaries; record it with --summary N")
+        if self._summary is None:
+            self._summary = SummarySlotIndex(self)
+        return self._summary
 
     def iter_table(self, table: str) -> Iterator[pa.Table]:
         """One table ("tokens" or "accesses") shard by shard, without reading the other."""
         if table not in TABLES:
             raise TraceError(f"table must be 'tokens' or 'accesses', got {table!r}")
+        if table == "accesses":
+            self._check_reads()
         if self._shards is not None:
             yield from (shard[TABLES.index(table)] for shard in self._shards)
             return
@@ -190,6 +212,8 @@ class Trace:
     def slot_counts(self, layer: int | None = None) -> np.ndarray:
         """Reads per slot (int64, length n_slots) of one memory layer, streamed over the shards."""
         layer = self.resolve_layer(layer)
+        if self.summary_only:
+            return self.slot_summary().slot_counts(layer)
         counts = np.zeros(self.n_slots, dtype=np.int64)
         for accesses in self.iter_table("accesses"):
             mask = pc.equal(accesses.column("layer"), layer)
@@ -218,7 +242,9 @@ class Trace:
         trace whose in-memory index would not fit `smviz.trace.duck.index_memory_budget()` gets the
         DuckDB one (same answers, bounded memory)."""
         if self._index is None:
-            if self.path is not None and self.meta["shards"] and not fits_in_memory(self.n_accesses):
+            if self.summary_only:
+                self._index = self.slot_summary()
+            elif self.path is not None and self.meta["shards"] and not fits_in_memory(self.n_accesses):
                 self._index = DuckSlotIndex.for_trace(self)
             else:
                 self._index = SlotIndex.for_trace(self)
@@ -229,6 +255,11 @@ class Trace:
         return resolve_layer(layer, self.layers, what="this trace")
 
     # ---- internals
+
+    def _check_reads(self) -> None:
+        if self.summary_only:
+            raise TraceError("this trace was recorded with --summary-only: it keeps per-slot summaries "
+                             "(trace.slot_summary()), not every read; record it again without --summary-only")
 
     def _table(self, name: str) -> pa.Table:
         if name not in self._tables:

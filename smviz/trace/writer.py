@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,18 +122,22 @@ class TraceWriter:
         write_json_atomic(self.partial / PROGRESS_DIR / name.replace(".parquet", ".json"), record)
         self._done[shard] = record
 
-    def finish(self, n_docs: int, extra: dict[str, Any] | None = None, *, n_shards: int | None = None) -> Path:
+    def finish(self, n_docs: int, extra: dict[str, Any] | None = None, *, n_shards: int | None = None,
+               prepare: Callable[[Path, list[str]], dict[str, Any]] | None = None) -> Path:
         """Write meta.json, move the trace into place (replacing an older trace at `path`); its path.
         `n_docs` counts the source's documents, those that gave no token included; `n_shards` (default:
         as many as are done) must all be done, by whichever process. Under torchrun every rank calls
-        it: rank 0 assembles the trace once all have arrived, and returns on every rank once it is in place."""
+        it: rank 0 assembles the trace once all have arrived, and returns on every rank once it is in place.
+        `prepare(partial directory, shard names)`, run by rank 0 once every shard is there, may add files
+        beside them (e.g. the merged slot summaries) and returns entries for meta.json."""
         barrier(self.world_size)
         if self.rank == 0:
-            self._assemble(n_docs, extra, n_shards)
+            self._assemble(n_docs, extra, n_shards, prepare)
         barrier(self.world_size)
         return self.path
 
-    def _assemble(self, n_docs: int, extra: dict[str, Any] | None, n_shards: int | None) -> None:
+    def _assemble(self, n_docs: int, extra: dict[str, Any] | None, n_shards: int | None,
+                  prepare: Callable[[Path, list[str]], dict[str, Any]] | None) -> None:
         done = self._read_progress()
         n_shards = len(done) if n_shards is None else n_shards
         missing = [s for s in range(n_shards) if s not in done]
@@ -150,7 +155,7 @@ class TraceWriter:
             for f in (self.partial / table).glob("*.parquet"):
                 if f.name not in names:
                     f.unlink()
-        meta = dict(self.meta) | dict(extra or {})
+        meta = dict(self.meta) | dict(extra or {}) | (prepare(self.partial, [e["name"] for e in shards]) if prepare else {})
         meta |= {
             "format": TRACE_FORMAT,
             "counts": {"docs": n_docs, "tokens": next_row, "accesses": sum(s["accesses"] for s in shards)},
