@@ -159,8 +159,15 @@ row2[3].metric("IDF", fmt(card["idf"], ".3f"))
 entity = "—" if card["entity_label"] is None else f"{card['entity_label']} ({card['entity_share']:.0%})"
 row2[4].metric("Entity label", entity, help=None if entities_on else "turn on 'Label entities' in the Entities tab")
 row2[5].metric("Entity q-value", fmt(card["entity_q_value"], ".3g"))
-per_head = " · ".join(f"head {h}: {d:.3%}" for h, d in card["density_per_head"].items())
-st.caption(f"Density per head: {per_head}")
+summary_only = card["summary_only"]  # per-slot summaries, not every read: what needs every read says so
+keep = index.keep if summary_only else 100
+if summary_only:
+    st.info(f"Trace {trace_name} was recorded with --summary-only: it keeps each slot's counts, its top {keep} and a uniform "
+            f"sample of {keep} reading tokens, not every read. Per-head density, histograms, weight intervals and co-read "
+            "neighbours need every read: record the trace without --summary-only for them.")
+else:
+    per_head = " · ".join(f"head {h}: {d:.3%}" for h, d in card["density_per_head"].items())
+    st.caption(f"Density per head: {per_head}")
 if card["runs"]:
     runs_df = pd.DataFrame(card["runs"]).assign(run=lambda d: d["run"].map(lambda p: Path(p).name))
     st.dataframe(runs_df[["run", "method", "selected", "steps_selected", "best_rank", "delta_norm"]], hide_index=True,
@@ -168,7 +175,7 @@ if card["runs"]:
                                                  "best_rank": st.column_config.NumberColumn("best rank")})
 
 tabs = st.tabs(["Contexts", "Histograms", "Logit effects", "Ablation", "Neighbours", "Key map", "Runs", "Entities"])
-ctx = index.contexts(slot, n=20, window=8, layer=layer) if n_reads else pd.DataFrame()
+ctx = index.contexts(slot, n=min(20, keep), window=8, layer=layer) if n_reads else pd.DataFrame()
 
 # ---------------------------------------------------------------- contexts and weight intervals
 
@@ -177,7 +184,7 @@ with tabs[0]:
     if n_reads == 0:
         st.info(f"Slot {slot} is never read in trace {trace_name} (a dead slot here).")
     else:
-        n = st.slider("Contexts shown", 5, 100, 20, key="n_contexts")
+        n = st.slider("Contexts shown", min(5, keep), keep, min(20, keep), key="n_contexts") if keep > 5 else keep
         ctx = index.contexts(slot, n=n, window=8, layer=layer)
         strongest = float(ctx["weight"].max())
         st.caption("The reading token is marked (darker: more weight, summed over heads); each header line names the token after it.")
@@ -185,6 +192,13 @@ with tabs[0]:
         with st.expander("Contexts as a table"):
             st.dataframe(ctx[["rank", "doc_id", "position", "token", "next_token", "weight", "reads", "left", "right"]],
                          hide_index=True, key="contexts_table")
+        if summary_only:
+            st.subheader("A uniform sample of its readers")
+            sample = index.sample_contexts(slot, window=8, layer=layer)
+            st.caption(f"{len(sample)} of its {card['reading_tokens']:,} reading tokens, each kept with the same chance "
+                       "(the summary's bottom-N hash sample), in trace order.")
+            st.markdown("".join(c.context_html(r, strongest) for _, r in sample.iterrows()), unsafe_allow_html=True)
+    if n_reads and not summary_only:
         st.subheader("Weight intervals")
         st.caption("The strongest readers, then equal-width weight intervals (highest first, up to 5 tokens drawn from each), "
                    "then 5 readers drawn at random.")
@@ -204,6 +218,9 @@ with tabs[0]:
 with tabs[1]:
     if n_reads == 0:
         st.info("No reads, no histograms.")
+    elif summary_only:
+        st.info("The weight and rank histograms need every read; this trace keeps per-slot summaries only "
+                f"(mean weight {fmt(card['mean_weight'], '.3f')}, max {fmt(card['max_weight'], '.3f')}).")
     else:
         left, right = st.columns(2)
         left.plotly_chart(figures.weight_histogram(index.slot_weights(slot, layer), slot=slot), key="weight_hist")
@@ -245,7 +262,7 @@ with tabs[3]:
         st.info("Ablation reruns the slot's top contexts through the trace's model: it needs that model in models/ and a read slot.")
     else:
         cols = st.columns([1, 1, 2])
-        n_ab = cols[0].number_input("Top contexts", 1, 100, 10, key="n_ablate")
+        n_ab = cols[0].number_input("Top contexts", 1, keep, min(10, keep), key="n_ablate")
         renorm = cols[1].checkbox("Renormalise the head's other reads", value=True, key="ablate_renorm")
         if cols[2].button("Measure Δ log-prob of the next token", key="ablate_slot"):
             try:
@@ -267,6 +284,9 @@ with tabs[3]:
 with tabs[4]:
     if n_reads:
         left, right = st.columns(2)
+        if summary_only:
+            left.info("Co-read slots need every read (which tokens read which slots); this trace keeps per-slot summaries.")
+    if n_reads and not summary_only:
         with left:
             st.subheader("Co-read slots")
             co = co_read_neighbours(index, slot, layer)
@@ -274,6 +294,7 @@ with tabs[4]:
                                             "Jaccard and PMI of the token sets.")
             with st.expander("Co-accessed by its 200 strongest reads"):
                 slot_table(co_accessed(index, slot, layer=layer), "co_table")
+    if n_reads:
         with right:
             st.subheader("Sub-key neighbours")
             slot_table(subkey_neighbours(index.slot_counts(layer), slot, int(trace.meta["memory"]["n_keys"])), "subkey_table",

@@ -284,3 +284,27 @@ def _top_strings(slot: np.ndarray, code: np.ndarray, weight: np.ndarray, n: int,
         m = rank == r
         out[r][s_sorted[m]] = k_code[order][m]
     return out
+
+
+def profile_entry(profile: pd.DataFrame | None, slot: int) -> dict[str, Any]:
+    """One slot's row of a `slot_entity_profile` as a slot card's entity fields (entity_label, entity_share,
+    entity_mass_share, entity_top, entity_q_value; None where the profile or the slot's row is missing)."""
+    entry: dict[str, Any] = dict.fromkeys(("entity_label", "entity_share", "entity_mass_share", "entity_top", "entity_q_value"))
+    if profile is None:
+        return entry
+    if "slot" not in profile.columns:
+        raise AnalysisError(f"entity_profile must be slot_entity_profile's DataFrame (with a slot column), got columns {list(profile.columns)}")
+    hit = profile[profile["slot"] == slot]
+    if hit.empty:
+        return entry
+    row = hit.iloc[0]
+    shares = pd.to_numeric(row[[c for c in profile.columns if c.startswith("share_")]], errors="coerce").astype(float)
+    if shares.notna().any() and shares.max() > 0:
+        best = str(shares.idxmax())
+        entry.update(entity_label=best[len("share_"):], entity_share=float(shares[best]))
+    for key, column in (("entity_mass_share", "entity_mass_share"), ("entity_q_value", "q_value")):
+        if column in row.index and pd.notna(row[column]):
+            entry[key] = float(row[column])
+    if "top1" in row.index and row["top1"]:
+        entry["entity_top"] = str(row["top1"])
+    return entry

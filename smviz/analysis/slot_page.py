@@ -16,7 +16,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from smviz.analysis.entity_stats import profile_entry
 from smviz.errors import AnalysisError, RunError
+from smviz.trace.summary import SummarySlotIndex
 
 if TYPE_CHECKING:
     from smviz.analysis.runs import Run
@@ -137,7 +139,10 @@ def slot_label(index: SlotIndex, slot: int, layer: int | None = None, *, n: int 
     descending, ties to the earlier row), empty texts skipped, "…" when more remain. '' for a dead slot
     (or one whose readers have no text)."""
     slot, n = _check_slot(slot, index.trace.n_slots), _check_int("n", n, 1)
-    rows, weight, _ = index.readers(slot, layer)
+    if isinstance(index, SummarySlotIndex):  # a summary-only trace: its top readers are all it has
+        rows, weight, _ = index.top_readers(slot, index.keep, layer)
+    else:
+        rows, weight, _ = index.readers(slot, layer)
     if len(rows) == 0:
         return ""
     texts = pc.utf8_trim_whitespace(index.token_columns()["text"].take(pa.array(rows[_order(weight, rows)])))
@@ -326,26 +331,18 @@ def slot_card(
     run's last delta writing it; only when the run stores deltas and `model` is the run's base model);
     with `entity_profile` (`slot_entity_profile`'s DataFrame for this layer): entity_label (the
     share_<LABEL> with the most mass), entity_share (that share), entity_mass_share, entity_top (top1)
-    and entity_q_value (q_value) — None if the slot has no row; label (`slot_label`)."""
+    and entity_q_value (q_value) — None if the slot has no row; label (`slot_label`); summary_only
+    (the trace keeps per-slot summaries, not every read: density_per_head is then None)."""
     trace = index.trace
     slot = _check_slot(slot, trace.n_slots)
     layer = trace.resolve_layer(layer)
     memory = trace.meta["memory"]
-    weights, heads = index.slot_weights(slot, layer), index.slot_heads(slot, layer)
-    rows, _, _ = index.readers(slot, layer)
-    n_tokens, n_heads = trace.n_tokens, int(memory["heads"])
-    read_rows = index.slot_rows(slot, layer).astype(np.int64)
-    per_head = np.bincount(np.unique(read_rows * n_heads + heads) % n_heads, minlength=n_heads)  # distinct (token, head)
-    card: dict[str, Any] = {
-        "slot": slot, "layer": layer, "reads": int(len(weights)), "reading_tokens": int(len(rows)),
-        "density": len(rows) / n_tokens if n_tokens else 0.0,
-        "density_per_head": {h: (float(per_head[h]) / n_tokens if n_tokens else 0.0) for h in range(n_heads)},
-        "mean_weight": float(weights.astype(np.float64).mean()) if len(weights) else None,
-        "max_weight": float(weights.max()) if len(weights) else None,
-        "i1": slot // int(memory["n_keys"]), "i2": slot % int(memory["n_keys"]),
-        "value_norm": None, "median_value_norm": None, "df": None, "idf": None, "background_docs": None,
-        "background_unit": None,
-    }
+    if isinstance(index, SummarySlotIndex):
+        card = _summary_card(index, slot, layer)
+    else:
+        card = _reads_card(index, slot, layer)
+    card.update(i1=slot // int(memory["n_keys"]), i2=slot % int(memory["n_keys"]), value_norm=None, median_value_norm=None,
+                df=None, idf=None, background_docs=None, background_unit=None)
     base_values = None
     if model is not None:
         if model.memory_config.to_dict() != memory:
@@ -360,28 +357,32 @@ def slot_card(
                     background_docs=stats.n_docs, background_unit=stats.unit)
     base_hash = model.model_hash if model is not None else None
     card["runs"] = [_run_entry(run, slot, layer, base_values, base_hash) for run in runs]
-    card.update(_entity_entry(entity_profile, slot))
+    card.update(profile_entry(entity_profile, slot))
     card["label"] = slot_label(index, slot, layer)
     return card
 
 
-def _entity_entry(profile: pd.DataFrame | None, slot: int) -> dict[str, Any]:
-    entry: dict[str, Any] = dict.fromkeys(("entity_label", "entity_share", "entity_mass_share", "entity_top", "entity_q_value"))
-    if profile is None:
-        return entry
-    if "slot" not in profile.columns:
-        raise AnalysisError(f"entity_profile must be slot_entity_profile's DataFrame (with a slot column), got columns {list(profile.columns)}")
-    hit = profile[profile["slot"] == slot]
-    if hit.empty:
-        return entry
-    row = hit.iloc[0]
-    shares = pd.to_numeric(row[[c for c in profile.columns if c.startswith("share_")]], errors="coerce").astype(float)
-    if shares.notna().any() and shares.max() > 0:
-        best = str(shares.idxmax())
-        entry.update(entity_label=best[len("share_"):], entity_share=float(shares[best]))
-    for key, column in (("entity_mass_share", "entity_mass_share"), ("entity_q_value", "q_value")):
-        if column in row.index and pd.notna(row[column]):
-            entry[key] = float(row[column])
-    if "top1" in row.index and row["top1"]:
-        entry["entity_top"] = str(row["top1"])
-    return entry
+def _reads_card(index: SlotIndex, slot: int, layer: int) -> dict[str, Any]:
+    weights, heads = index.slot_weights(slot, layer), index.slot_heads(slot, layer)
+    rows, _, _ = index.readers(slot, layer)
+    n_tokens, n_heads = index.trace.n_tokens, int(index.trace.meta["memory"]["heads"])
+    read_rows = index.slot_rows(slot, layer).astype(np.int64)
+    per_head = np.bincount(np.unique(read_rows * n_heads + heads) % n_heads, minlength=n_heads)  # distinct (token, head)
+    return {
+        "slot": slot, "layer": layer, "reads": int(len(weights)), "reading_tokens": int(len(rows)),
+        "density": len(rows) / n_tokens if n_tokens else 0.0,
+        "density_per_head": {h: (float(per_head[h]) / n_tokens if n_tokens else 0.0) for h in range(n_heads)},
+        "mean_weight": float(weights.astype(np.float64).mean()) if len(weights) else None,
+        "max_weight": float(weights.max()) if len(weights) else None, "summary_only": False,
+    }
+
+
+def _summary_card(index: SummarySlotIndex, slot: int, layer: int) -> dict[str, Any]:
+    """The card's read numbers from a summary-only trace's summary (per head: not kept, None)."""
+    s, n_tokens = index.slot_summary(slot, layer), index.trace.n_tokens
+    return {
+        "slot": slot, "layer": layer, "reads": int(s["reads"]), "reading_tokens": int(s["tokens"]),
+        "density": s["tokens"] / n_tokens if n_tokens else 0.0, "density_per_head": None,
+        "mean_weight": s["weight_mean"] if s["reads"] else None, "max_weight": s["weight_max"] if s["reads"] else None,
+        "summary_only": True,
+    }

@@ -221,6 +221,11 @@ class SummarySlotIndex(SlotIndex):
         return (self._ctx["row"][a:b].astype(np.int64), self._ctx["weight"][a:b].astype(np.float64),
                 self._ctx["reads"][a:b].astype(np.int64))
 
+    def top_readers(self, slot: int, n: int, layer: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The n reading tokens of most weight (rows, weight summed over heads, heads reading), most
+        first, ties to the earlier row; n at most the summary's N unless the slot has no more readers."""
+        return self._top_readers(slot, n, layer)
+
     def _top_readers(self, slot: int, n: int, layer: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rows, weight, reads = self._kept(slot, layer, TOP)
         if n > self.keep and self.summary["tokens"][self._key(slot, layer)] > self.keep:
