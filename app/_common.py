@@ -611,3 +611,9 @@ def run_stamp(ws: Workspace, name: str) -> int:
     from smviz.train.rundir import SUMMARY
 
     return stamp(ws.run(name) / SUMMARY)
+
+
+def summary_only_note(trace_name: str, what: str) -> str:
+    """What a page says where it needs every read and the trace keeps per-slot summaries only."""
+    return (f"{what} needs every read, and trace {md(trace_name)} was recorded with --summary-only (per-slot summaries, "
+            "not every read): record it again without --summary-only, or open its slots on the Slot page.")

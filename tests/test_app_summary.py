@@ -1,4 +1,4 @@
-"""The Slot page on a summary-only trace (issue 19): it opens, shows the card from the summary (the same
+"""The app on a summary-only trace (issue 19): every page opens; the Slot page shows the card from the summary (the same
 reads, reading tokens, mean and max weight as the trace recorded in full), the top contexts and the
 uniform sample, and says what it cannot show instead of failing."""
 
@@ -54,3 +54,15 @@ def test_the_slot_page_works_from_a_summary_only_trace(monkeypatch, ws):
     top = full.slot_index().contexts(slot, n=8, window=8)[columns]
     assert len(top) == 8 and shown.reset_index(drop=True).equals(top)  # the full trace's top contexts, from the summary
     assert "A uniform sample of its readers" in [s.value for s in at.subheader]
+
+
+def test_every_page_opens_on_a_summary_only_trace_and_says_what_it_lacks(monkeypatch, ws):
+    monkeypatch.setenv("SMVIZ_WORKSPACE", str(ws.root))
+    said = {}
+    for script in [APP / "Home.py", *sorted((APP / "pages").glob("*.py"))]:
+        at = AppTest.from_file(str(script), default_timeout=120)
+        at.query_params["trace"] = "summ"
+        at.session_state["trace"] = "summ"
+        ok(at.run())
+        said[script.name] = " ".join(i.value for i in at.info)
+    assert "needs every read" in said["3_Entities.py"] and "needs every read" in said["2_Fact.py"]

@@ -125,6 +125,8 @@ else:
     mine = [d for d, p in fact_docs.items() if p.fact_id == fact_id]
     if not mine:
         st.info(f"Trace {trace_name} holds no documents of {fact_id}; record the facts file to see them.")
+    elif trace.summary_only:
+        st.info(c.summary_only_note(trace_name, "Which slots each token read"))
     else:
         doc = st.selectbox("Paraphrase or question", mine, key="doc")
         reads = index.slots_for(doc, 0, 1 << 30)

@@ -17,6 +17,9 @@ trace_names = c.traces(ws)
 c.require(trace_names, "traces", c.cmd_record(ws, c.first_model(ws)))
 trace_name = st.selectbox("Trace", trace_names, key="trace")
 trace, _ = c.load_trace(str(ws.trace(trace_name)))
+if trace.summary_only:
+    st.info(c.summary_only_note(trace_name, "Aligning entities with the slots their tokens read"))
+    st.stop()
 spans, tokens, profile = c.load_entities(str(ws.trace(trace_name)), str(ws.data))
 if spans.empty:
     st.info("No entities found in this trace's documents.")
