@@ -19,11 +19,16 @@ headline level is the highest all three chosen settings reach.
 
 Writes analyses/results/real_model.{json,md} and real_model_curves.png, real_model_pareto.png (--out);
 run directories go to WS/real_model (--runs). Finished runs are read back, an interrupted one resumes.
+Each finished run's record (config, metrics, per-question scores, summary: RECORD_FILES) is copied to
+analyses/results/real_model_runs/KEY (--records, committed), and a run found there of the same model
+hash, setting and input files (sha256) is read back instead of rerun: a study too long for one session
+on 2 CPU cores continues in the next, when that session's retrofit reproduces the model hash.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shlex
 import sys
@@ -37,7 +42,7 @@ import pandas as pd
 from smviz.analysis.continual import at_learning, forgetting_curve
 from smviz.analysis.runs import Run
 from smviz.errors import SmvizError
-from smviz.io import write_json_atomic, write_png_atomic, write_text_atomic
+from smviz.io import write_bytes_atomic, write_json_atomic, write_png_atomic, write_text_atomic
 from smviz.model.format import model_dir_hash
 from smviz.stats import STATS_FILE
 from smviz.train import FinetuneConfig
@@ -57,6 +62,7 @@ COLORS = {"sparse": "#1f77b4", "full": "#d62728", "lora": "#ff7f0e"}
 PROBE = "real"
 PROBE_COLUMN = f"forget/{PROBE}/contained"
 COLUMNS = ("probe_drop", "probe_f1_drop", "known_drop", "nll_change")
+RECORD_FILES = ("config.json", "metrics.jsonl", "questions.jsonl", "summary.json", "study_seconds.json")
 
 
 def curve_of(run_dir: Path) -> pd.DataFrame:
@@ -88,6 +94,13 @@ def runs_dir(args: argparse.Namespace) -> Path:
     return Path(args.runs or Path(args.workspace) / "real_model")
 
 
+def run_identity(run_dir: Path) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """What makes a finished run this study's: base model hash, finetuning config, inputs' sha256."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    sources = summary["protocol"]["sources"]
+    return summary["base_model_hash"], summary["config"], {name: sources[name]["sha256"] for name in sorted(sources)}
+
+
 def run_setting(args: argparse.Namespace, model_hash: str, method: str, lr: float) -> dict[str, Any]:
     ws = Path(args.workspace)
     key = f"{method}-{OPTIMIZER[method]}-lr{lr:g}"
@@ -95,10 +108,18 @@ def run_setting(args: argparse.Namespace, model_hash: str, method: str, lr: floa
     config = FinetuneConfig(method=method, optimizer=OPTIMIZER[method], lr=lr, top_t=args.top_t, batch_size=args.batch_size,
                             steps_per_fact=args.steps_per_fact, eval_every=args.eval_every, seed=args.seed)
     t0 = time.time()
+    inputs = {"stream": ws / "data" / "facts-new.jsonl", "known": ws / "data" / "facts-known.jsonl",
+              "heldout": ws / "data" / "corpus-heldout.jsonl", f"forget/{PROBE}": probe_file(args)}
+    identity = (model_hash, json.loads(json.dumps(config.resolved().to_dict())),
+                {name: hashlib.sha256(path.read_bytes()).hexdigest() for name, path in inputs.items()})
+    carried = Path(args.records) / key
+    if not FinetuneRunDir(run_dir).summary() and (carried / "summary.json").is_file() and run_identity(carried) == identity:
+        for f in carried.iterdir():  # a finished run recorded by an earlier session of this study: the same run
+            write_bytes_atomic(run_dir / f.name, f.read_bytes())
     summary = FinetuneRunDir(run_dir).summary()  # a finished run is read back, not reloaded: so check it is this one
-    if summary is not None and (summary["base_model_hash"], summary["config"]) != (model_hash, json.loads(json.dumps(config.resolved().to_dict()))):
-        raise SmvizError(f"{run_dir} is a finished run of another model ({summary['base_model_hash']}, this one {model_hash}) "
-                         "or another setting; move it away or choose another --runs")
+    if summary is not None and run_identity(run_dir) != identity:
+        raise SmvizError(f"{run_dir} is a finished run of another model ({summary['base_model_hash']}, this one {model_hash}), "
+                         "setting or data; move it away or choose another --runs")
     summary = summary or run_finetune(
         args.model, run_dir, config, stream=ws / "data" / "facts-new.jsonl", max_facts=args.facts,
         known=ws / "data" / "facts-known.jsonl", known_facts=args.known_facts,
@@ -108,6 +129,8 @@ def run_setting(args: argparse.Namespace, model_hash: str, method: str, lr: floa
     timing = run_dir / "study_seconds.json"  # how long the run took when this study ran it
     if not timing.is_file():
         write_json_atomic(timing, {"seconds": round(time.time() - t0)})
+    for name in RECORD_FILES:  # the run's record, committed with the results: a later session reads it back
+        write_bytes_atomic(carried / name, (run_dir / name).read_bytes())
     curve = curve_of(run_dir)
     end = curve.iloc[-1]
     result = {
@@ -214,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workspace", required=True)
     parser.add_argument("--model", required=True, help="the retrofitted model (with slot_stats.safetensors)")
     parser.add_argument("--runs", default=None, help="run directories (default WS/real_model)")
+    parser.add_argument("--records", default=str(Path(__file__).parent / "results" / "real_model_runs"),
+                        help="each finished run's record (config, metrics, per-question scores, summary), committed; "
+                             "a finished run of the same model, setting and data found here is read back, not rerun")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--facts", type=int, default=6)
     parser.add_argument("--steps-per-fact", type=int, default=10)
