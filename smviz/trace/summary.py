@@ -53,16 +53,8 @@ def _hash_uniform(seed: int, key: np.ndarray, row: np.ndarray) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def _first_n(group: np.ndarray, n: int) -> np.ndarray:
-    """Mask of the first n entries of each run of equal values in `group` (already sorted by group)."""
-    if not len(group):
-        return np.zeros(0, bool)
-    starts = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]]))
-    place = np.arange(len(group)) - np.repeat(starts, np.diff(np.append(starts, len(group))))
-    return place < n
-
-
 def _places(group: np.ndarray) -> np.ndarray:
+    """Each entry's place (0, 1, ...) within its run of equal values in `group` (already sorted by group)."""
     starts = np.flatnonzero(np.concatenate([[True], group[1:] != group[:-1]])) if len(group) else np.zeros(0, np.int64)
     return np.arange(len(group)) - np.repeat(starts, np.diff(np.append(starts, len(group))))
 
@@ -71,7 +63,7 @@ def _select(key: np.ndarray, kind: np.ndarray, row: np.ndarray, rank_by: np.ndar
     """Order of the entries kept: per (key, kind) the n smallest `rank_by` (ties: the earlier row)."""
     order = np.lexsort((row, rank_by, kind, key))
     group = key[order] * 2 + kind[order]
-    return order[_first_n(group, n)]
+    return order[_places(group) < n]
 
 
 def shard_summary(rows: np.ndarray, docs: np.ndarray, layers: list[int], slots: np.ndarray, weights: np.ndarray,
