@@ -214,6 +214,10 @@ def test_the_duckdb_index_answers_exactly_as_the_in_memory_one(setting, monkeypa
     root, _, docs, trace = setting
     memory = SlotIndex.build(trace)
     monkeypatch.setenv("SMVIZ_INDEX_MEMORY", "0")
+    monkeypatch.setattr("smviz.trace.duck.ROW_GROUP", 2048)  # small groups: popular slots span several
+    monkeypatch.setattr("smviz.trace.duck.SCAN_ROWS", 1000)  # and readers split across the counting batches
+    monkeypatch.setattr("smviz.trace.duck.HEAVY", 300)  # the most read slots keep their top readers,
+    monkeypatch.setattr("smviz.trace.duck.TOP_KEEP", 5)  # and contexts of more than 5 reads them all
     fresh = Trace.load(root / "t")
     duck = fresh.slot_index()
     assert isinstance(duck, DuckSlotIndex) and len(trace.meta["shards"]) >= 3
@@ -221,9 +225,14 @@ def test_the_duckdb_index_answers_exactly_as_the_in_memory_one(setting, monkeypa
     assert np.array_equal(duck.slot_counts(), memory.slot_counts())
     assert np.array_equal(duck.reading_tokens(), memory.reading_tokens())
     counts = memory.slot_counts()
+    assert duck.by_slot.metadata.num_row_groups >= 4 and duck._groups[-1] == trace.n_accesses
+    offsets = np.asarray(duck.offsets)
+    crossing = np.flatnonzero(np.searchsorted(duck._groups, offsets[1:], "left")
+                              - np.searchsorted(duck._groups, offsets[:-1], "right") > 0)  # reads in two row groups
+    assert len(crossing) >= 3
     rng = np.random.default_rng(0)
     slots = np.concatenate([np.argsort(-counts, kind="stable")[:20], rng.choice(trace.n_slots, 30, replace=False),
-                            np.flatnonzero(counts == 0)[:3]])  # unread slots, where the micro memory has any
+                            crossing, np.flatnonzero(counts == 0)[:3]])  # unread slots, where the micro memory has any
     for slot in map(int, slots):
         assert duck.count(slot, layer) == memory.count(slot, layer)
         for query in ("slot_weights", "slot_rows", "slot_heads", "slot_ranks"):
@@ -231,8 +240,11 @@ def test_the_duckdb_index_answers_exactly_as_the_in_memory_one(setting, monkeypa
             assert a.dtype == b.dtype and np.array_equal(a, b), (query, slot)
         for x, y in zip(duck.readers(slot), memory.readers(slot)):
             assert np.array_equal(x, y)
-    for slot in map(int, slots[:5]):
-        pd.testing.assert_frame_equal(duck.contexts(slot, n=7, window=3), memory.contexts(slot, n=7, window=3))
+    heavy = np.flatnonzero(counts > 300)
+    assert len(heavy) >= 3 and np.array_equal(np.flatnonzero(np.diff(duck._top_offsets)), heavy)
+    for slot in map(int, np.concatenate([slots[:5], heavy[:5]])):
+        for n in (3, 5, 7):
+            pd.testing.assert_frame_equal(duck.contexts(slot, n=n, window=3), memory.contexts(slot, n=n, window=3))
     for doc, (start, end) in ((0, (0, 5)), ("art3", (2, 40)), (len(docs) - 1, (0, 10_000))):
         pd.testing.assert_frame_equal(duck.slots_for(doc, start, end), memory.slots_for(doc, start, end))
     rows = rng.choice(trace.n_tokens, 25, replace=False)
@@ -246,3 +258,21 @@ def test_the_duckdb_index_answers_exactly_as_the_in_memory_one(setting, monkeypa
     monkeypatch.setenv("SMVIZ_INDEX_MEMORY", "a lot")
     with pytest.raises(ConfigError, match="SMVIZ_INDEX_MEMORY"):
         Trace.load(root / "t").slot_index()
+
+
+def test_run_sums_and_the_top_n_equal_a_brute_force_sort_ties_included():
+    """`sum_runs` and `most_weight` (the partition before the sort) against pandas and a full lexsort, on
+    weights with many ties, so the n-th place is often tied."""
+    from smviz.trace.index import most_weight, sum_runs
+
+    rng = np.random.default_rng(3)
+    rows = np.sort(rng.integers(0, 400, 3000)).astype(np.int32)
+    weights = (rng.integers(0, 6, 3000) / 8).astype(np.float16)
+    got_rows, got_weight, got_reads = sum_runs(rows, weights)
+    brute = pd.DataFrame({"r": rows, "w": weights.astype(np.float64)}).groupby("r")["w"].agg(["sum", "size"])
+    assert np.array_equal(got_rows, brute.index) and np.array_equal(got_weight, brute["sum"]) and np.array_equal(got_reads, brute["size"])
+    for n in (1, 7, 50, len(got_rows), len(got_rows) + 5):
+        order = np.lexsort((got_rows, -got_weight))[:n]
+        for a, b in zip(most_weight(got_rows, got_weight, got_reads, n), (got_rows[order], got_weight[order], got_reads[order])):
+            assert np.array_equal(a, b), n
+    assert all(len(x) == 0 for x in sum_runs(rows[:0], weights[:0]) + most_weight(rows[:0].astype(np.int64), np.zeros(0), np.zeros(0, np.int64), 3))

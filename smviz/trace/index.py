@@ -33,6 +33,25 @@ from smviz.trace.format import (
 log = logging.getLogger(__name__)
 
 
+def sum_runs(rows: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per distinct row of `rows` (ascending, a row's repeats adjacent, as a slot's reads are): (row
+    int64, its weights summed float64, how many int64) — one pass, no sort."""
+    starts = np.flatnonzero(np.concatenate([[True], rows[1:] != rows[:-1]])) if len(rows) else np.zeros(0, np.int64)
+    weight = np.add.reduceat(weights.astype(np.float64), starts) if len(rows) else np.zeros(0)
+    return rows[starts].astype(np.int64), weight, np.diff(np.append(starts, len(rows))).astype(np.int64)
+
+
+def most_weight(rows: np.ndarray, weight: np.ndarray, reads: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The n entries of most weight, most first, ties to the earlier row; a partition first, so a
+    slot with millions of readers sorts only the few that can make the top n."""
+    if len(weight) > n:
+        cut = np.partition(weight, len(weight) - n)[len(weight) - n]
+        keep = np.flatnonzero(weight >= cut)  # the top n and everything tied with the n-th
+        rows, weight, reads = rows[keep], weight[keep], reads[keep]
+    top = np.lexsort((rows, -weight))[:n]
+    return rows[top], weight[top], reads[top]
+
+
 class SlotIndex:
     """slot → the accesses that read it, as CSR over (layer, slot): the reads of slot s of layer l
     are entries offsets[k]..offsets[k+1] of `rows` (token rows), `weights`, `heads` and `ranks`
@@ -138,9 +157,7 @@ class SlotIndex:
         """The tokens that read `slot`: (rows int64 ascending, weight float64 = the sum of the token's
         reads of the slot over heads, reads int64 = how many heads read it)."""
         reads = self._slot_reads(slot, layer)
-        rows, inverse = np.unique(np.asarray(reads["rows"]), return_inverse=True)
-        weight = np.bincount(inverse, weights=np.asarray(reads["weights"], dtype=np.float64), minlength=len(rows))
-        return rows.astype(np.int64), weight, np.bincount(inverse, minlength=len(rows)).astype(np.int64)
+        return sum_runs(np.asarray(reads["rows"]), np.asarray(reads["weights"]))
 
     def reading_tokens(self, layer: int | None = None) -> np.ndarray:
         """Per slot of memory layer `layer` (int64, length n_slots): how many distinct tokens read it
@@ -256,9 +273,7 @@ class SlotIndex:
 
     def _top_readers(self, slot: int, n: int, layer: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`readers` of the n tokens with the most weight, most first (ties: the earlier row)."""
-        rows, weight, reads = self.readers(slot, layer)
-        top = np.lexsort((rows, -weight))[:n]
-        return rows[top], weight[top], reads[top]
+        return most_weight(*self.readers(slot, layer), n)
 
     def _accesses_between(self, r0: int, r1: int) -> pd.DataFrame:
         """The accesses of token rows r0..r1-1 (the table's columns and order, weights as float32)."""
