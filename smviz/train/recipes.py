@@ -29,7 +29,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 RETROFIT_RECIPES: dict[str, dict[str, Any]] = {
     "smollm2": dict(
         config=dict(steps=500, batch_size=16, lr=3e-3, warmup_steps=10, fact_share=0.5, world_copies=4,
-                    replay=2400, replay_share=0.25, distill=4.0, eval_every=200, eval_facts=20, usage_rows=16, log_every=20,
+                    replay=2400, replay_share=0.25, distill=8.0, eval_every=200, eval_facts=20, usage_rows=16, log_every=20,
                     checkpoint_every=100, prompt_format="chat",
                     memory={"n_keys": 128, "layers": [24], "value_lr_mult": 10}),
         world=dict(n_known=20, n_bio_only=5, n_new=20),
