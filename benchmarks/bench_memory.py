@@ -21,8 +21,16 @@ A "scores only" row times writing all the scores with no top-k at all: the floor
 force that materialises them, however fast its top-k. The brute-force full layer is the same
 search followed by the layer's own softmax, value bag, swilu and output projection.
 
-Section 2: the memory layer at the `tiny` preset's shape (N = 2^16) vs the dense Llama SwiGLU MLP it
-replaces at the same width (transformers' LlamaMLP: down(silu(gate(x)) * up(x)), 256 → 1024 → 256).
+Section 2, the fast path (`smviz.kernels`) in one interleaved group at the `tiny` preset's shape
+(N = 2^16): the dense Llama SwiGLU MLP the layer replaces at the same width (transformers' LlamaMLP:
+down(silu(gate(x)) * up(x)), 256 → 1024 → 256); the memory layer, fast and reference (the plain
+PyTorch path, `kernels.reference()`); the search alone (`lookup` and the softmax, fast and reference);
+the value bag alone (`ValueTable.bag` of heads × knn random rows per token, gradient to the table and
+the weights, fast and reference); and, when the `bench` extra is installed, at the peer benchmark's
+shape (bench_pkm_peer.py: k_dim 256, swilu off, 16 x 128 tokens) smviz fast and reference beside
+lucidrains' `product-key-memory`. Then a second group: one step of the tiny preset's pretraining
+(forward, loss, backward, clip, AdamW at the recipe's rates) on random tokens of the recipe's batch
+shape, fast and reference — the tokens/s the demo's pretraining gets.
 
 "fwd" rows run under torch.no_grad() (inference); "fwd+bwd" rows build the graph (input included)
 and backpropagate a fixed random output gradient, parameter grads reset to None each step.
@@ -52,6 +60,7 @@ import torch.nn.functional as F
 from _bench import machine_record, write_result  # noqa: E402 (run as a script from benchmarks/)
 from torch import nn
 
+from smviz import kernels
 from smviz.memory import MemoryConfig, ProductKeyMemory
 
 ROOT = Path(__file__).resolve().parent
@@ -329,6 +338,139 @@ def check_brute_force(layer: ProductKeyMemory, bf: BruteForce, x: torch.Tensor, 
     }
 
 
+# --------------------------------------------------------------------------- the fast path (section 2)
+
+
+def reference_step(step: Callable[[], None]) -> Callable[[], None]:
+    """`step` with every smviz.kernels fast path off: the plain PyTorch layer the fast path is tested against."""
+    def run() -> None:
+        with kernels.reference():
+            step()
+
+    return run
+
+
+def bag_cases(layer: ProductKeyMemory, tokens: int, device) -> dict[str, Callable[[], None]]:
+    """The value bag alone at the layer's shape: `tokens` reads of heads x knn rows with softmax-like
+    weights, forward and forward+backward (gradient to the table and the weights), fast and reference."""
+    c = layer.config
+    idx = torch.randint(0, c.n_slots, (tokens, c.heads * c.knn), device=device)
+    w = torch.rand(tokens, c.heads * c.knn, device=device).requires_grad_(True)
+    g = torch.randn(tokens, layer.values.weight.shape[1], device=device)
+    table = layer.values
+
+    def fwd() -> None:
+        with torch.no_grad():
+            table.bag(idx, w)
+
+    def fwd_bwd() -> None:
+        table.weight.grad, w.grad = None, None
+        table.bag(idx, w).backward(g)
+
+    return {"fwd": fwd, "fwd+bwd": fwd_bwd}
+
+
+def pretrain_step(device) -> tuple[Callable[[], None], int]:
+    """One step of the tiny preset's pretraining (forward, loss, backward, clip, AdamW at the recipe's
+    rates) on random tokens of the recipe's batch shape; returns the step and its tokens."""
+    from smviz.model import MemoryModel
+    from smviz.train.pretrain import make_optimizer
+    from smviz.train.recipes import recipe
+
+    config = recipe("tiny")
+    model = MemoryModel.from_preset("tiny", seed=0, vocab_size=8192, **config.memory).to(device)
+    model.train()
+    optimizer = make_optimizer(model, config)
+    ids = torch.randint(0, 8192, (config.batch_size, config.seq_len), device=device)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def step() -> None:
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, ids.numel()
+
+
+def fast_path_section(args, device, timing: dict, shape: tuple[int, int, int]) -> tuple[list[dict], dict]:
+    """One interleaved group at the tiny preset's shape: the dense FFN, the memory layer (fast path and
+    reference), the search alone and the bag alone (fast and reference), and at the peer benchmark's
+    shape smviz (fast, reference) beside lucidrains' PKM when installed; then a second group, one tiny
+    pretraining step, fast and reference. Returns the rows and the ratios."""
+    tokens = shape[0] * shape[1]
+    layer = memory_layer(args.ffn_n, args.k_dim, device)
+    ffn, ffn_kind = dense_ffn(DIM, FFN_HIDDEN)
+    ffn = ffn.to(device)
+    x = torch.randn(*shape, device=device)
+    g_out = torch.randn(*shape, device=device)
+    g_probs = torch.randn(tokens, layer.config.heads, layer.config.knn, device=device)
+    bag = bag_cases(layer, tokens, device)
+    steps: dict[tuple[str, str], Callable[[], None]] = {}
+    for pss in ("fwd", "fwd+bwd"):
+        fb = pss == "fwd+bwd"
+        steps[("ffn: dense SwiGLU", pss)] = fwd_bwd_step(ffn, x, ffn, g_out) if fb else fwd_step(ffn, x)
+        steps[("layer", pss)] = fwd_bwd_step(layer, x, layer, g_out) if fb else fwd_step(layer, x)
+        search = pk_search_probs(layer)
+        steps[("search", pss)] = fwd_bwd_step(search, x, layer, g_probs) if fb else fwd_step(search, x)
+        steps[("bag", pss)] = bag[pss]
+    peer_shape = None
+    try:
+        from bench_pkm_peer import BATCH, SEQ, peer_layer, smviz_layer
+
+        peer, mine = peer_layer().to(device), smviz_layer().to(device)
+        peer_shape = (BATCH, SEQ, DIM)
+        xp, gp = torch.randn(*peer_shape, device=device), torch.randn(*peer_shape, device=device)
+        for pss in ("fwd", "fwd+bwd"):
+            fb = pss == "fwd+bwd"
+            steps[("peer shape: smviz", pss)] = fwd_bwd_step(mine, xp, mine, gp) if fb else fwd_step(mine, xp)
+            steps[("peer shape: lucidrains PKM", pss)] = fwd_bwd_step(peer, xp, peer, gp) if fb else fwd_step(peer, xp)
+    except SystemExit as exc:  # the bench extra is not installed: the rest still runs
+        print(f"skipping the peer rows: {exc}", file=sys.stderr, flush=True)
+
+    cases: dict[tuple[str, str, str], Case] = {}
+    for (part, pss), step in steps.items():
+        n_exp = None if part.startswith("ffn") else 16 if part.startswith("peer") else args.ffn_n
+        cases[(part, "fast", pss)] = Case(f"{part}" + ("" if part.startswith(("ffn", "peer shape: l")) else ", fast"),
+                                          n_exp, pss, step)
+        if part.startswith(("layer", "search", "bag", "peer shape: smviz")):
+            cases[(part, "reference", pss)] = Case(f"{part}, reference", n_exp, pss, reference_step(step))
+    measure(list(cases.values()), label="fast path", **timing)
+
+    pre, pre_tokens = pretrain_step(device)
+    pre_cases = {"fast": Case("tiny pretraining step, fast", 16, "train", pre, heavy=True),
+                 "reference": Case("tiny pretraining step, reference", 16, "train", reference_step(pre), heavy=True)}
+    measure(list(pre_cases.values()), label="pretraining step", **timing)
+
+    def ratio(num: Case, den: Case) -> float:
+        return num.median / den.median
+
+    rows, ref_over_fast, peer_over_smviz, dense_ratio = [], {}, {}, {}
+    for (part, impl, pss), c in cases.items():
+        r, r_def = None, None
+        n_tok = tokens if not part.startswith("peer") else peer_shape[0] * peer_shape[1]
+        if impl == "reference":
+            r, r_def = ratio(c, cases[(part, "fast", pss)]), "reference time / fast-path time"
+            ref_over_fast.setdefault(part, {})[pss] = r
+        elif part == "layer":
+            r, r_def = ratio(c, cases[("ffn: dense SwiGLU", "fast", pss)]), "memory-layer time / dense-FFN time"
+            dense_ratio[pss] = r
+        elif part == "peer shape: lucidrains PKM":
+            r, r_def = ratio(c, cases[("peer shape: smviz", "fast", pss)]), "peer time / smviz fast-path time"
+            peer_over_smviz[pss] = r
+        rows.append(row_of(c, n_tok, r, r_def))
+    r = ratio(pre_cases["reference"], pre_cases["fast"])
+    ref_over_fast["tiny pretraining step"] = {"train": r}
+    rows += [row_of(pre_cases["fast"], pre_tokens, None, None),
+             row_of(pre_cases["reference"], pre_tokens, r, "reference time / fast-path time")]
+    info = {"dense": ffn_kind, "dense_params": n_params(ffn), "memory_params": n_params(layer),
+            "memory_n_slots": layer.config.n_slots, "memory_over_dense_time": dense_ratio,
+            "reference_over_fast_time": ref_over_fast, "peer_over_smviz_time": peer_over_smviz,
+            "pretraining_tokens_per_s": {k: pre_tokens / c.median for k, c in pre_cases.items()}}
+    return rows, info
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -365,7 +507,8 @@ def print_table(rows: list[dict]) -> None:
     print("  the product-key speed-up. 'pruned top-k' = exact block-max-pruned top-k over all N scores;")
     print("  'topk over N' = plain torch.topk over the N scores; 'scores only' = writing all M x H x N")
     print("  scores with no top-k at all (a floor for any brute force that materialises them).")
-    print("ratio on the memory-layer rows of the FFN section: memory-layer time / dense-FFN time.")
+    print("ratios in the fast-path section: 'layer, fast' = memory-layer time / dense-FFN time; 'reference' rows =")
+    print("  reference time / fast-path time; 'lucidrains PKM' = peer time / smviz fast-path time (above 1: smviz faster).")
     print("fwd = under torch.no_grad(); fwd+bwd = forward with graph + backward.")
 
 
@@ -507,27 +650,12 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    # ---- 2. memory layer vs the dense FFN it replaces
+    # ---- 2. the layer's fast path against its reference, the dense FFN it replaces and the peer
     t_ffn = time.perf_counter()
-    layer = memory_layer(args.ffn_n, args.k_dim, device)
-    ffn, ffn_kind = dense_ffn(DIM, FFN_HIDDEN)
-    ffn = ffn.to(device)
-    x = torch.randn(*shape, device=device)
-    g_out = torch.randn(*shape, device=device)
-    dense_f, dense_fb = (Case(f"ffn: dense SwiGLU {DIM}->{FFN_HIDDEN}", None, "fwd", fwd_step(ffn, x)),
-                         Case(f"ffn: dense SwiGLU {DIM}->{FFN_HIDDEN}", None, "fwd+bwd",
-                              fwd_bwd_step(ffn, x, ffn, g_out)))
-    mem_f, mem_fb = (Case("ffn: product-key memory layer", args.ffn_n, "fwd", fwd_step(layer, x)),
-                     Case("ffn: product-key memory layer", args.ffn_n, "fwd+bwd", fwd_bwd_step(layer, x, layer, g_out)))
-    measure([dense_f, mem_f, dense_fb, mem_fb], label="FFN", **timing)
-    ffn_ratio = {}
-    for d, m in ((dense_f, mem_f), (dense_fb, mem_fb)):
-        ffn_ratio[m.pass_] = m.median / d.median
-        rows.append(row_of(d, tokens, None, None))
-        rows.append(row_of(m, tokens, ffn_ratio[m.pass_], "memory-layer time / dense-FFN time"))
-    ffn_info = {"dense": ffn_kind, "dense_params": n_params(ffn), "memory_params": n_params(layer),
-                "memory_n_slots": layer.config.n_slots, "memory_over_dense_time": ffn_ratio}
-    print(f"FFN section done in {time.perf_counter() - t_ffn:.1f}s", file=sys.stderr, flush=True)
+    fast_rows, ffn_info = fast_path_section(args, device, timing, shape)
+    rows += fast_rows
+    ffn_ratio = ffn_info["memory_over_dense_time"]
+    print(f"fast-path section done in {time.perf_counter() - t_ffn:.1f}s", file=sys.stderr, flush=True)
 
     total = time.perf_counter() - t_start
     print()
@@ -540,9 +668,14 @@ def main(argv=None) -> int:
                    if (key := f"{part_pass} vs brute-force {impl}") in sp]
             if got:
                 print(f"  {part_pass:<15} " + ", ".join(got))
-    print(f"memory layer (N=2^{args.ffn_n}) / dense FFN time: "
+    print(f"memory layer (N=2^{args.ffn_n}, fast path) / dense FFN time: "
           + ", ".join(f"{k} {v:.2f}x" for k, v in ffn_ratio.items())
           + f"  (params: memory {ffn_info['memory_params']:,}, dense {ffn_info['dense_params']:,})")
+    for what, ratios in ffn_info["reference_over_fast_time"].items():
+        print(f"{what}: reference / fast-path time " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
+    if ffn_info.get("peer_over_smviz_time"):
+        print("lucidrains PKM / smviz time (peer shape): "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in ffn_info["peer_over_smviz_time"].items()))
     print(f"total runtime {total:.1f}s; {peak_memory(device)}")
 
     payload = {
@@ -559,7 +692,7 @@ def main(argv=None) -> int:
         "rows": rows,
         "speedup_pk_over_brute_force": speedups,
         "brute_force_check": checks,
-        "ffn_comparison": ffn_info,
+        "ffn_comparison": ffn_info,  # the fast-path section: dense FFN, reference, peer, search, bag, pretraining
         "memory": peak_memory(device),
         "total_runtime_s": total,
     }

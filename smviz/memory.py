@@ -18,6 +18,9 @@ Accesses are emitted to hooks added with `add_access_hook` — indices (B, T, H,
 (B, T, H, K) and the padding mask — in training and in eval; with no hook attached nothing extra is
 computed. The mask comes from `token_mask`, which `MemoryModel` sets from each call's attention mask.
 Gradient can be confined to chosen value rows with `ValueTable.train_rows` (no N×v_dim tensor).
+
+The two hot spots, the top-k over the k×k sums and the bag's backward, have exact faster forms in
+`smviz.kernels`, taken automatically; the code here is the reference they are tested against.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from smviz import kernels
 from smviz.config import from_dict
 from smviz.errors import ConfigError
 
@@ -153,6 +157,14 @@ class TrainableRows:
     """(t, v_dim) zeros with requires_grad; after backward, `delta.grad[j]` = dLoss/dV[rows[j]]."""
 
 
+def _bag(indices: torch.Tensor, table: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ_j weights[b, j] · table[indices[b, j]]: one `F.embedding_bag` sum, or the same with a faster
+    backward where `smviz.kernels` has one for the device."""
+    if kernels.fast_bag(table.device):
+        return kernels.weighted_bag(indices, table, weights)
+    return F.embedding_bag(indices, table, per_sample_weights=weights, mode="sum")
+
+
 class ValueTable(nn.Module):
     """The (N, v_dim) value rows of a memory, read as weighted bags of rows.
 
@@ -184,8 +196,8 @@ class ValueTable(nn.Module):
     def bag(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Σ_j weights[b, j] · V[indices[b, j]] for each row b: (M, J) ids and weights → (M, v_dim)."""
         if self._trainable is None:
-            return F.embedding_bag(indices, self.weight, per_sample_weights=weights, mode="sum")
-        out = F.embedding_bag(indices, self.weight.detach(), per_sample_weights=weights, mode="sum")
+            return _bag(indices, self.weight, weights)
+        out = _bag(indices, self.weight.detach(), weights)
         rows, delta = self._trainable.rows, self._trainable.delta
         if len(rows) == 0:
             return out
@@ -193,7 +205,7 @@ class ValueTable(nn.Module):
         # and the gradient of those reads lands in delta. pos = place of each read in the sorted rows.
         pos = torch.searchsorted(rows, indices).clamp_(max=len(rows) - 1)
         hit = rows[pos] == indices
-        return out + F.embedding_bag(pos, delta, per_sample_weights=weights * hit, mode="sum")
+        return out + _bag(pos, delta, weights * hit)
 
     @contextmanager
     def train_rows(self, rows: torch.Tensor | None = None) -> Iterator[TrainableRows]:
@@ -315,7 +327,10 @@ class ProductKeyMemory(nn.Module):
         sub_scores = torch.einsum("mhsd,hsnd->mhsn", q, keys)  # (M, H, 2, n_keys)
         if self.query_gain is not None:
             sub_scores = sub_scores * (c.k_dim // 2) ** -0.5
-        s, i = sub_scores.topk(c.knn, dim=-1)  # (M, H, 2, K) per half
+        s, i = sub_scores.topk(c.knn, dim=-1)  # (M, H, 2, K) per half, best first
+        if kernels.fast_search():  # the same result from the pairs of ranks that can reach the top-k
+            slots, scores = kernels.best_pairs(s, i, c.n_keys)
+            return slots, scores, sub_scores
         pair_sums = s[:, :, 0, :, None] + s[:, :, 1, None, :]  # (M, H, K, K)
         scores, flat = pair_sums.flatten(-2).topk(c.knn, dim=-1)  # (M, H, K)
         i1 = i[:, :, 0].gather(-1, flat // c.knn)
