@@ -54,7 +54,7 @@ def test_world_documents_hold_no_heldout_question(world):
     for f in world.known:
         assert any(qa_prompt(q.text) in text for q in f.training_questions)
     for f in world.bio_only:
-        assert f"Question: " not in "".join(d for d in docs if f.subject in d)
+        assert "Question: " not in "".join(d for d in docs if f.subject in d)
         assert any(s in text for s in f.statements)
     # new people never appear
     assert not any(f.subject in text for f in world.new)

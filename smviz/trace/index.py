@@ -2,15 +2,15 @@
 folder: "top contexts of slot s", "what did these tokens read" and "what did this span read" answered
 from one numpy sort, without scanning the accesses.
 
-`trace` arguments are `smviz.trace.Trace` objects; the class is not imported here, because
-`Trace.slot_index` builds the index (an import would make the two modules a circle).
+`trace` arguments are `smviz.trace.Trace` objects; the class is imported for type checking only,
+because `Trace.slot_index` builds the index (an import at run time would make the two modules a circle).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -31,6 +31,9 @@ from smviz.trace.format import (
 )
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from smviz.trace import Trace
 
 
 def sum_runs(rows: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

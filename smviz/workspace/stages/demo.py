@@ -8,7 +8,6 @@ checked against the project's thresholds at the end (`threshold_checks`)."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
