@@ -4,7 +4,7 @@ tuned over a grid of its own, intervals over seeds and questions, paired tests, 
 reviewer asks for.
 
     make demo DEMO_ARGS=--no-app                          # the workspace: world, tiny model, slot statistics
-    python analyses/headline_controls.py --workspace workspace            # the study (resumable)
+    python analyses/headline_controls.py --workspace workspace --jobs 2   # the study (resumable), 2 runs at once
     python analyses/headline_controls.py --workspace workspace --quick    # the same study, small
 
 Seeds: seed s learns the new facts s·F … s·F+F−1 in batch order s, so seeds differ in their facts.
@@ -54,16 +54,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import shlex
 import sys
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from smviz.analysis.continual import at_learning, crossing, forgetting_curve
 from smviz.analysis.intervals import (Interval, drop_difference, drop_difference_test, drop_interval, mean_interval,
@@ -304,9 +307,32 @@ class Study:
                   f"{'—' if drop is None else f'{drop:+.1%}'} ({time.time() - t0:.0f} s)", flush=True)
         return entry
 
+    def prefetch(self, settings: list[Setting], seeds: tuple[int, ...]) -> None:
+        """With --jobs N > 1: every run of `settings` × `seeds` not finished yet, in N processes of one torch
+        thread each (on 2 CPU cores two small runs side by side finish sooner than one run on two threads);
+        the sequential pass after it reads them back. Full finetuning runs, the longest, go first."""
+        if self.args.jobs <= 1:
+            return
+        unique = {s.key: s for s in settings}.values()
+        todo = [(s, seed) for s in sorted(unique, key=lambda s: s.method != "full") for seed in seeds
+                if not (self.runs / s.key / f"seed-{seed}" / "summary.json").is_file()]
+        if not todo:
+            return
+        print(f"  {len(todo)} runs in {self.args.jobs} processes", flush=True)
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(self.args.jobs, mp_context=context, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            for done in [pool.submit(_run_one, vars(self.args), self.plan, s, seed) for s, seed in todo]:
+                done.result()  # a failed run stops the study, as it would in one process
+
     def seed_runs(self, setting: Setting, seeds: tuple[int, ...]) -> list[SeedRun]:
         self.run(setting, seeds)
         return [self.loaded[(setting.key, s)] for s in seeds]
+
+
+def _run_one(args: dict[str, Any], plan: Plan, setting: Setting, seed: int) -> None:
+    """One run in a worker process of `Study.prefetch`."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    Study(argparse.Namespace(**args), plan).run(setting, (seed,))
 
 
 def load_seed(run_dir: Path, seed: int, summary: dict[str, Any]) -> SeedRun:
@@ -443,6 +469,7 @@ def run_study(study: Study, model: MemoryModel) -> dict[str, Any]:
     dense_twin_model = study.pretrain_dense_twin()
     print(f"1. selection on seeds {list(plan.selection_seeds)} ({plan.facts} facts each)", flush=True)
     grid = selection_grid(plan, model.memory_config.value_lr_mult)
+    study.prefetch([s for settings in grid.values() for s in settings], plan.selection_seeds)
     chosen: dict[str, Setting] = {}
     selection: dict[str, Any] = {}
     for family, settings in grid.items():
@@ -454,12 +481,14 @@ def run_study(study: Study, model: MemoryModel) -> dict[str, Any]:
 
     print(f"3. report seeds {list(plan.report_seeds)}", flush=True)
     report = plan.report_seeds
-    main = {family: study.seed_runs(chosen[family], report) for family in MAIN}
-    dense = {family: study.seed_runs(chosen[family], report) for family in DENSE}
     sparse = chosen["sparse"]
     c1 = {bg: [replace(sparse, lr=lr, background=bg) for lr in plan.sparse_lrs] for bg in ("pretraining", *BACKGROUND_MIXTURES)}
     c7 = {family: replace(chosen[family], composition="statements") for family in ("sparse", "full", "lora")}
     rules = {rule: Setting(rule, rule, "sgd", sparse.lr) for rule in plan.rules}
+    study.prefetch([*(chosen[f] for f in (*MAIN, *DENSE)), *(s for ss in c1.values() for s in ss), *c7.values(),
+                    *rules.values()], report)
+    main = {family: study.seed_runs(chosen[family], report) for family in MAIN}
+    dense = {family: study.seed_runs(chosen[family], report) for family in DENSE}
     for settings in c1.values():
         for s in settings:
             study.run(s, report)
@@ -694,7 +723,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--known-facts", type=int, default=100, help="known facts asked for forgetting (default 100)")
     p.add_argument("--heldout-rows", type=int, default=64, help="held-out corpus rows of 128 tokens for NLL (default 64)")
     p.add_argument("--device", default="cpu", help="cpu (the committed results), cuda, or auto")
-    return p.parse_args(argv)
+    p.add_argument("--jobs", type=int, default=1, help="finetuning runs at once, each in its own process on one torch "
+                   "thread (default 1: one process, torch's own threads); 2 on 2 CPU cores")
+    a = p.parse_args(argv)
+    if a.jobs < 1:
+        p.error("--jobs must be >= 1")
+    return a
 
 
 def make_plan(args: argparse.Namespace) -> Plan:

@@ -99,8 +99,9 @@ def _study(ws, out, runs, *extra):
 
 
 def test_quick_study_runs_every_control_and_resumes_to_the_same_numbers(ws, tmp_path):
-    done = _study(ws, tmp_path / "out", tmp_path / "runs")
+    done = _study(ws, tmp_path / "out", tmp_path / "runs", "--jobs", "2")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "runs in 2 processes" in done.stdout  # selection and report runs in the pool
     doc = json.loads((tmp_path / "out" / "headline_controls.json").read_text())
     assert doc["format"] == "smviz-headline-controls/1" and doc["model"]["hash"]
     st, results, runs = doc["study"], doc["results"], tmp_path / "runs"
@@ -163,7 +164,7 @@ def test_quick_study_runs_every_control_and_resumes_to_the_same_numbers(ws, tmp_
         assert heading in md
     for name in ("headline_controls_steps.png", "headline_controls_pareto.png"):
         assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # resumed: every run read back from its directory, the same document
+    # resumed in one process: every run the pool wrote read back from its directory, the same document
     again = _study(ws, tmp_path / "out2", runs)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "seed 0:" in again.stdout  # the runs were read back (finished runs return their summary)
