@@ -29,7 +29,7 @@ ENV = "SMVIZ_WORKSPACE"
 
 CONTEXT_CSS = (
     "<style>.smviz-context{font-family:monospace;white-space:pre-wrap;padding:2px 6px;margin:2px 0;"
-    "border-left:3px solid #ddd}.smviz-meta{color:#888;font-size:0.8em}</style>"
+    "border-left:3px solid #ddd}.smviz-meta{color:#888;font-size:0.8em}.smviz-nl::before{content:'↵'}</style>"
 )
 
 
@@ -302,6 +302,11 @@ def md(text: Any) -> str:
     return html.escape(visible("".join("\\" + ch if ch in _MD_PUNCT else ch for ch in str(text))), quote=True)
 
 
+def plural(unit: str) -> str:
+    """The plural of a document unit name ('batch' → 'batches', 'sequence' → 'sequences')."""
+    return unit + ("es" if unit.endswith(("s", "x", "ch", "sh")) else "s")
+
+
 def context_html(row: pd.Series, max_weight: float, *, bucket: bool = False) -> str:
     """One context of `SlotIndex.contexts` / `weight_buckets` as escaped HTML: the reading token marked
     by weight (mark.smviz-focus), the token after it named in the header line ("next '…'"; the text
@@ -314,9 +319,11 @@ def context_html(row: pd.Series, max_weight: float, *, bucket: bool = False) -> 
     where = f"{row['doc_id']} · pos {int(row['position'])} · weight {float(row['weight']):.3f}"
     meta = esc((f"#{int(row['rank'])} · " if "rank" in row.index else "") + where + f" · next {nxt!r}")
     cls = "smviz-context smviz-bucket" if bucket else "smviz-context"
+    # a line-break token would mark nothing visible: its mark draws a ↵ before the break (CSS, not text)
+    focus_cls = "smviz-focus smviz-nl" if "\n" in window[f] and not window[f].strip() else "smviz-focus"
     return (
         f'<div class="{cls}"><span class="smviz-meta">{meta}</span><br>{esc("".join(window[:f]))}'
-        f'<mark class="smviz-focus" style="background: rgba(255, 140, 0, {alpha:.2f})">{esc(window[f])}</mark>'
+        f'<mark class="{focus_cls}" style="background: rgba(255, 140, 0, {alpha:.2f})">{esc(window[f])}</mark>'
         f"{esc(''.join(window[f + 1:]))}</div>"
     )
 

@@ -151,10 +151,10 @@ row1[5].metric("Sub-keys (i1, i2)", f"({card['i1']}, {card['i2']})", help="slot 
 row2 = st.columns(6)
 ratio = (card["value_norm"] / card["median_value_norm"]) if card["value_norm"] is not None and card["median_value_norm"] else None
 row2[0].metric("Value norm", fmt(card["value_norm"], ".3f"), delta=None if ratio is None else f"{ratio:.2f}× median",
-               delta_color="off", help=None if base else "the trace's model is not in the workspace's models/")
+               delta_color="off", delta_arrow="off", help=None if base else "the trace's model is not in the workspace's models/")
 row2[1].metric("Median value norm", fmt(card["median_value_norm"], ".3f"))
 row2[2].metric("Background DF", "—" if card["df"] is None else f"{card['df']:,} / {card['background_docs']:,}",
-               help=f"documents ({card['background_unit'] or 'unit'}s) of the background that read it")
+               help=f"documents ({c.plural(card['background_unit'] or 'unit')}) of the background that read it")
 row2[3].metric("IDF", fmt(card["idf"], ".3f"))
 entity = "—" if card["entity_label"] is None else f"{card['entity_label']} ({card['entity_share']:.0%})"
 row2[4].metric("Entity label", entity, help=None if entities_on else "turn on 'Label entities' in the Entities tab")
@@ -377,7 +377,7 @@ exp[1].download_button("Card + contexts (Parquet)", as_parquet, file_name=f"{ste
 with exp[2].expander("The card as JSON"):
     st.json(card)
 background = ("no background statistics" if stats is None else
-              f"background: {stats.n_docs:,} {stats.unit}s ({c.md(base)}/{STATS_FILE})")
+              f"background: {stats.n_docs:,} {c.plural(stats.unit)} ({c.md(base)}/{STATS_FILE})")
 st.caption(f"Model {c.md(trace.model_hash or 'unknown')} ({c.md(base or 'not in models/')}) · trace {c.md(trace_name)}"
            f" of {c.md(provenance['trace_source'] or 'in-memory recording')} · {trace.n_tokens:,} tokens, {trace.n_docs:,} documents, "
            f"{trace.n_accesses:,} reads · {background} · {len(ctx)} contexts exported")
