@@ -17,15 +17,38 @@ def reachable_pairs(knn: int, device: torch.device) -> tuple[torch.Tensor, torch
     return rank1[keep], rank2[keep]
 
 
+class _PairScores(torch.autograd.Function):
+    """The chosen sums s1[a] + s2[b] (flat = a·K + b), with the reference's own backward: their gradient
+    scattered into the K×K grid and summed over each half's axis, the very reductions autograd runs for
+    the reference's broadcast sum, so that training on the fast path is bit-identical to the reference."""
+
+    @staticmethod
+    def forward(ctx, s: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        knn = s.shape[-1]
+        ctx.save_for_backward(flat)
+        ctx.knn = knn
+        return s[:, :, 0].gather(-1, flat // knn) + s[:, :, 1].gather(-1, flat % knn)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (flat,) = ctx.saved_tensors
+        knn = ctx.knn
+        grid = grad.new_zeros(*grad.shape[:-1], knn * knn).scatter_(-1, flat, grad).view(*grad.shape[:-1], knn, knn)
+        return torch.stack((grid.sum(-1), grid.sum(-2)), dim=2), None
+
+
 def best_pairs(s: torch.Tensor, i: torch.Tensor, n_keys: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k slots of each head from its halves' top-k sub-keys.
 
     s, i: (M, H, 2, K) scores (sorted, best first — as torch.topk returns them) and sub-key ids of each
-    half. Returns slot ids i1 · n_keys + i2 (M, H, K) int64 and their scores s1 + s2 (M, H, K), best first."""
+    half. Returns slot ids i1 · n_keys + i2 (M, H, K) int64 and their scores s1 + s2 (M, H, K), best first.
+    The search over the reachable pairs runs without autograd; the gradient of the scores is the
+    reference's, bit for bit (`_PairScores`)."""
     knn = s.shape[-1]
     rank1, rank2 = reachable_pairs(knn, s.device)
-    sums = s[:, :, 0].index_select(-1, rank1) + s[:, :, 1].index_select(-1, rank2)  # (M, H, P)
-    scores, pick = sums.topk(knn, dim=-1)
-    i1 = i[:, :, 0].gather(-1, rank1[pick])
-    i2 = i[:, :, 1].gather(-1, rank2[pick])
-    return i1 * n_keys + i2, scores
+    with torch.no_grad():
+        sums = s[:, :, 0].index_select(-1, rank1) + s[:, :, 1].index_select(-1, rank2)  # (M, H, P)
+        pick = sums.topk(knn, dim=-1).indices
+    a, b = rank1[pick], rank2[pick]
+    scores = _PairScores.apply(s, a * knn + b) if s.requires_grad else s[:, :, 0].gather(-1, a) + s[:, :, 1].gather(-1, b)
+    return i[:, :, 0].gather(-1, a) * n_keys + i[:, :, 1].gather(-1, b), scores
