@@ -30,8 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
@@ -114,7 +112,7 @@ class Server:
     would otherwise make Streamlit re-import modules under objects it has cached."""
 
     def __init__(self, workspace: Path, log: Path, start_s: float):
-        from smviz.serve import app_command
+        from smviz.serve import app_command, wait_until_serving
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -125,20 +123,10 @@ class Server:
         self.log = open(log, "wb")
         self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
                                      start_new_session=True)
-        deadline = time.monotonic() + start_s
-        while True:
-            if self.proc.poll() is not None:
-                raise ScreenshotError(f"`{' '.join(self.cmd)}` exited with {self.proc.returncode}:\n{self.logs()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise ScreenshotError(f"the app did not answer on {self.url} within {start_s:.0f}s:\n{self.logs()}")
-            time.sleep(0.25)
+        why = wait_until_serving(self.url, self.proc, start_s)
+        if why is not None:
+            self.stop()
+            raise ScreenshotError(f"`{' '.join(self.cmd)}` {why}:\n{self.logs()}")
 
     def logs(self) -> str:
         self.log.flush()

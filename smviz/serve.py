@@ -11,6 +11,9 @@ import signal
 import subprocess
 import sys
 import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from smviz.errors import SmvizError
@@ -73,3 +76,22 @@ def run_forwarding_signals(command: list[str], env: dict[str, str]) -> int:
             child.wait()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def wait_until_serving(url: str, proc: subprocess.Popen, timeout_s: float) -> str | None:
+    """Poll the app at `url` (its /_stcore/health endpoint) until it answers; None once it does, else why
+    not: the process `proc` that serves it exited, or `timeout_s` passed. For scripts and tests that
+    start the app and then drive it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            return f"exited with {proc.returncode} before serving"
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return None
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            return f"did not answer on {url} within {timeout_s:.0f}s"
+        time.sleep(0.25)

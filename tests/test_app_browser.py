@@ -17,9 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -77,20 +74,12 @@ def server(workspace, tmp_path_factory):
         return log_path.read_text(errors="replace")[-4000:]
 
     try:
+        from smviz.serve import wait_until_serving
+
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"`{' '.join(cmd)}` exited with {proc.returncode} before serving:\n{logs()}")
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the app did not answer on {url} within {SERVER_START_S:.0f}s:\n{logs()}")
-            time.sleep(0.25)
+        why = wait_until_serving(url, proc, SERVER_START_S)
+        if why is not None:
+            pytest.fail(f"`{' '.join(cmd)}` {why}:\n{logs()}")
         yield url, logs
     finally:
         if proc.poll() is None:
