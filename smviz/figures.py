@@ -162,9 +162,11 @@ def token_slot_heatmap(reads: pd.DataFrame, *, max_slots: int = 40) -> go.Figure
 def access_shift_figure(shift: pd.DataFrame) -> go.Figure:
     """Distribution of the per-token Jaccard similarity of read slots before/after (`access_shift`)."""
     _require(shift, ["jaccard"], "access_shift_figure")
-    fig = go.Figure(go.Histogram(x=shift["jaccard"], nbinsx=20, xbins=dict(start=0, end=1.0001)))
+    # 21 fixed bins centred on 0, 0.05, ..., 1: with plotly's automatic size, a trace whose every Jaccard is
+    # 1.0 got one bin from 1 to 2
+    fig = go.Figure(go.Histogram(x=shift["jaccard"], xbins=dict(start=-0.025, end=1.025, size=0.05)))
     fig.update_layout(title="Access shift: Jaccard of each token's slots, before vs after", xaxis_title="Jaccard",
-                      yaxis_title="tokens", bargap=0.05, **_LAYOUT)
+                      yaxis_title="tokens", xaxis_range=[-0.03, 1.03], bargap=0.05, **_LAYOUT)
     return fig
 
 

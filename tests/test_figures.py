@@ -61,6 +61,8 @@ def test_promoted_tokens_and_token_slot_heatmap():
 def test_shift_and_entity_figures():
     fig = figures.access_shift_figure(pd.DataFrame({"jaccard": [1.0, .5]}))
     assert list(fig.data[0].x) == [1.0, .5]
+    bins = fig.data[0].xbins  # fixed bins within [0, 1] whatever the values (all 1.0 once drew a bin to 2)
+    assert (bins.start, bins.end, bins.size) == (-0.025, 1.025, 0.05) and tuple(fig.layout.xaxis.range) == (-0.03, 1.03)
     fs = pd.DataFrame({"fact_id": ["a", "a", "b"], "f1_before": [0, 1, 0], "f1_after": [1, 1, .5]})
     fig = figures.fact_shift_figure(fs)
     assert list(fig.data[0].y) == [.5, 0] and list(fig.data[1].y) == [1, .5]
