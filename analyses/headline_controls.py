@@ -79,6 +79,7 @@ from smviz.stats import STATS_FILE, SlotStats
 from smviz.train import FinetuneConfig
 from smviz.train.lora import DEFAULT_TARGETS, MEMORY_TARGETS
 from smviz.train.recipes import dense_twin
+from smviz.train.rundir import FinetuneRunDir
 from smviz.workspace import Workspace
 from smviz.workspace.stages import background_stats, pretrain_config_of, run_finetune, run_pretraining
 
@@ -315,7 +316,7 @@ class Study:
             return
         unique = {s.key: s for s in settings}.values()
         todo = [(s, seed) for s in sorted(unique, key=lambda s: s.method != "full") for seed in seeds
-                if not (self.runs / s.key / f"seed-{seed}" / "summary.json").is_file()]
+                if FinetuneRunDir(self.runs / s.key / f"seed-{seed}").summary() is None]
         if not todo:
             return
         print(f"  {len(todo)} runs in {self.args.jobs} processes", flush=True)

@@ -50,5 +50,5 @@ def best_pairs(s: torch.Tensor, i: torch.Tensor, n_keys: int) -> tuple[torch.Ten
         sums = s[:, :, 0].index_select(-1, rank1) + s[:, :, 1].index_select(-1, rank2)  # (M, H, P)
         pick = sums.topk(knn, dim=-1).indices
     a, b = rank1[pick], rank2[pick]
-    scores = _PairScores.apply(s, a * knn + b) if s.requires_grad else s[:, :, 0].gather(-1, a) + s[:, :, 1].gather(-1, b)
+    scores = _PairScores.apply(s, a * knn + b)
     return i[:, :, 0].gather(-1, a) * n_keys + i[:, :, 1].gather(-1, b), scores
